@@ -1,0 +1,14 @@
+"""pytest-benchmark suites per stage. Run: ``pytest benchmarks/ --benchmark-only``.
+
+Each suite benchmarks the baseline (original order / original preprocessing) and pllava-fast in
+the same session, grouped so pytest-benchmark prints them side by side.
+"""
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(__file__))
