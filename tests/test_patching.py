@@ -1,0 +1,194 @@
+"""Drop-in patching: same answers with the bf16 cache, Llava video mode, unpatch restores."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import pllava_fast
+from pllava_fast import patching
+from pllava_fast.testing import build_tokenizer, random_pixel_values
+
+IMAGE, PATCH = 56, 14
+GRID = IMAGE // PATCH
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def _tiny_llava(tokenizer, act="gelu"):
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=4, image_size=IMAGE, patch_size=PATCH,
+                              projection_dim=32)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                       max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, projector_hidden_act=act,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # larger weights than the default init: well separated greedy logits
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 1.0 if "embed_tokens" in name else p[0].numel() ** -0.5)
+    return model
+
+
+def _original_video_features(model, pixel_values, num_frames, pooling_shape):
+    """PLLaVA's original order on a Llava's weights: linear_1, act, linear_2, then pool the
+    (T, H, W) grid with AdaptiveAvgPool3d."""
+    hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+    feats = model.model.multi_modal_projector(hidden[model.config.vision_feature_layer][:, 1:])
+    b = feats.shape[0] // num_frames
+    grid = feats.view(b, num_frames, GRID, GRID, -1).permute(0, 4, 1, 2, 3)
+    pooled = F.adaptive_avg_pool3d(grid, pooling_shape)
+    return pooled.permute(0, 2, 3, 4, 1).reshape(b, -1, feats.shape[-1])
+
+
+def test_llava_single_frame_identity_pool_keeps_answers(tokenizer):
+    model = _tiny_llava(tokenizer)
+    ids = tokenizer(["USER: <image> What is happening? ASSISTANT:"])["input_ids"][0]
+    at = ids.index(model.config.image_token_index)
+    ids = torch.tensor([ids[:at] + ids[at:at + 1] * GRID * GRID + ids[at + 1:]])
+    pixels = random_pixel_values(1, model.config)
+    with torch.no_grad():
+        ref_logits = model(input_ids=ids, pixel_values=pixels).logits
+        ref_tokens = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=8,
+                                    do_sample=False)
+    assert pllava_fast.patch(model, pooling_shape=(1, GRID, GRID), num_frames=1) is model
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=pixels).logits
+        tokens = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=8,
+                                do_sample=False)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5 * ref_logits.abs().max())
+    assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("act", ["gelu", "silu"])
+@pytest.mark.parametrize("num_frames,pooling_shape", [(4, (2, 2, 2)), (3, (2, 3, 3)),
+                                                      (2, (4, 3, 3))])
+def test_llava_video_mode_pools_like_the_original(tokenizer, act, num_frames, pooling_shape):
+    model = _tiny_llava(tokenizer, act=act)
+    pixels = random_pixel_values(2 * num_frames, model.config, seed=1)
+    with torch.no_grad():
+        expected = _original_video_features(model, pixels, num_frames, pooling_shape)
+    pllava_fast.patch(model, pooling_shape=pooling_shape, num_frames=num_frames)
+    with torch.no_grad():
+        got = torch.stack(model.get_image_features(pixel_values=pixels).pooler_output)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_llava_video_mode_answers_with_the_pooled_token_count(tokenizer):
+    model = _tiny_llava(tokenizer)
+    num_frames, pooling_shape = 4, (2, 2, 2)
+    pllava_fast.patch(model, pooling_shape=pooling_shape, num_frames=num_frames)
+    n_visual = math.prod(pooling_shape)
+    clip = random_pixel_values(num_frames, model.config, seed=2)
+    short = random_pixel_values(2, model.config, seed=3)  # repeated to 4 frames (PLLaVA's rule)
+    prompts = ["USER: <image> What is happening in the video? ASSISTANT:", "USER: <image> Why? ASSISTANT:"]
+    inputs = model.build_video_inputs(tokenizer, [clip, short], prompts)
+    image_id = model.config.image_token_index
+    assert (inputs["input_ids"] == image_id).sum(1).tolist() == [n_visual, n_visual]
+    assert inputs["pixel_values"].shape == (2 * num_frames, 3, IMAGE, IMAGE)
+    torch.testing.assert_close(inputs["pixel_values"][num_frames:],
+                               short.repeat_interleave(3, dim=0)[:num_frames])
+    assert inputs["attention_mask"][1, 0] == 0  # the shorter prompt is left padded
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        one = model.generate(**model.build_video_inputs(tokenizer, [clip], prompts[:1]),
+                             max_new_tokens=5, do_sample=False)
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 5)
+    assert torch.equal(out[0, -5:], one[0, -5:])  # batch == one by one
+    with pytest.raises(ValueError, match="exactly one image token"):
+        model.build_video_inputs(tokenizer, [clip], ["no placeholder"])
+    with pytest.raises(ValueError, match="6 frames"):
+        model.build_video_inputs(tokenizer, [random_pixel_values(6, model.config)], prompts[:1])
+
+
+def test_unpatch_restores_the_llava(tokenizer):
+    model = _tiny_llava(tokenizer)
+    projector = model.model.multi_modal_projector
+    model.set_attn_implementation("eager")
+    pllava_fast.patch(model, attention="sdpa", num_frames=2)
+    assert isinstance(model.model.multi_modal_projector, patching.VideoPoolingProjector)
+    assert model.model.multi_modal_projector.linear_1 is projector.linear_1  # shared weights
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert patching.is_patched(model)
+    pllava_fast.patch(model, num_frames=4)  # patching again replaces the first patch
+    assert model.model.multi_modal_projector.num_frames == 4
+    pllava_fast.unpatch(model)
+    assert model.model.multi_modal_projector is projector
+    assert model.config.text_config._attn_implementation == "eager"
+    assert not patching.is_patched(model) and "build_video_inputs" not in vars(model)
+    with pytest.raises(ValueError, match="not in video mode"):
+        patching.build_video_inputs(model, tokenizer, [random_pixel_values(4, model.config)],
+                                    "<image>")
+
+
+def test_patch_rejects_what_it_cannot_patch(tokenizer):
+    with pytest.raises(ValueError, match="got Linear"):
+        pllava_fast.patch(torch.nn.Linear(2, 2))
+    model = _tiny_llava(tokenizer)
+    with pytest.raises(ValueError, match="kv_cache"):
+        pllava_fast.patch(model, kv_cache="fp8")
+    with pytest.raises(ValueError, match="pooling_shape"):
+        pllava_fast.patch(model, pooling_shape=(0, 2, 2))
+    assert not patching.is_patched(model)
+
+
+# -- PLLaVA model -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = pllava_fast.testing.tiny_pllava(num_frames=4, pooling_shape=(4, 2, 2))
+    return model, tok
+
+
+def _pllava_inputs(model, tok, videos=2):
+    prompts = ["USER: <image> What is happening in the video? ASSISTANT:",
+               "USER: <image> Describe it. ASSISTANT:"][:videos]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    pixels = random_pixel_values(4 * videos, model.config, seed=5)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "pixel_values": pixels}
+
+
+def test_pllava_patched_bf16_cache_same_tokens_and_logits(tiny):
+    model, tok = tiny
+    inputs = _pllava_inputs(model, tok)
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            ref_logits = model(**inputs).logits
+            ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        pllava_fast.patch(model, kv_cache="bf16", attention="sdpa")
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            got = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-4,
+                                   atol=1e-5 * ref_logits.abs().max())
+        assert torch.equal(got, ref)
+    finally:
+        pllava_fast.unpatch(model)
+    assert model.config.text_config._attn_implementation == "eager"
+    model.set_attn_implementation("sdpa")
+
+
+def test_pllava_pooling_shape_override_and_unpatch(tiny):
+    model, tok = tiny
+    inputs = _pllava_inputs(model, tok, videos=1)
+    pllava_fast.patch(model, pooling_shape=(2, 1, 1))
+    try:
+        with torch.no_grad():
+            feats = model.get_video_features(inputs["pixel_values"])
+        assert feats.shape[1] == 2
+    finally:
+        pllava_fast.unpatch(model)
+    assert tuple(model.config.pooling_shape) == (4, 2, 2)
+    assert model.multi_modal_projector.pooling_shape == (4, 2, 2)
+    with torch.no_grad():
+        assert model.get_video_features(inputs["pixel_values"]).shape[1] == 16
