@@ -288,3 +288,161 @@ def token_norm_stats(x: Tensor, threshold: float | Tensor = 0.0) -> TokenNormSta
 # ---------------------------------------------------------------------------------------------
 # KV-cache quantization and decode attention
 # ---------------------------------------------------------------------------------------------
+KV_BITS = (4, 8, 16)
+
+
+def _kv_kernels():
+    # imported lazily: Triton (and its interpreter flag) only matters once a kernel is used
+    from .kernels import decode_attention as da, kv_quant as kq
+    return kq, da
+
+
+@torch.library.custom_op("pllava_fast::quantize_kv", mutates_args=())
+def _quantize_kv_op(x: Tensor, bits: int, group_size: int, key_block: int) -> tuple[Tensor, Tensor, Tensor]:
+    kq, _ = _kv_kernels()
+    if x.is_cuda:
+        if key_block:
+            return kq._quantize_channels(x, bits, key_block)
+        return kq._quantize_groups(x, bits, group_size)
+    if key_block:
+        return kq.quantize_channels_ref(x, bits, key_block)
+    return kq.quantize_groups_ref(x, bits, group_size)
+
+
+@_quantize_kv_op.register_fake
+def _(x, bits, group_size, key_block):
+    n, d = x.shape
+    codes = x.new_empty(n, d // 2 if bits == 4 else d, dtype=torch.uint8)
+    shape = (n // key_block, d) if key_block else (n, -(-d // group_size))
+    return codes, x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
+
+
+def quantize_kv(x: Tensor, bits: int = 4, group_size: int = 64, key_block: int = 0):
+    """Asymmetric int8 / int4 quantization of KV rows (format in ``kernels/kv_quant.py``).
+
+    Args:
+        x: (N, D) floating, one row per (sequence, head, token).
+        bits: 8 or 4 (int4 packs two codes per byte; D must be even).
+        group_size: channels per scale group (power of two), for token groups.
+        key_block: 0 for token groups; else KIVI-style per-channel groups over ``key_block``
+            consecutive rows (a power of two dividing N).
+
+    Returns:
+        codes (N, D or D // 2) uint8, scale and zero float32: (N, ceil(D / group_size)) for token
+        groups, (N // key_block, D) for channel groups.
+    """
+    if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating (N, D) tensor, got {getattr(x, 'dtype', type(x))} "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if bits == 4 and x.shape[1] % 2:
+        raise ValueError(f"int4 packs two codes per byte: head dim must be even, got {x.shape[1]}")
+    if group_size < 2 or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 2, got {group_size}")
+    if key_block < 0 or (key_block and (key_block & (key_block - 1) or x.shape[0] % key_block)):
+        raise ValueError(f"key_block must be 0 or a power of two dividing N={x.shape[0]}, got {key_block}")
+    return _quantize_kv_op(x.contiguous(), int(bits), int(group_size), int(key_block))
+
+
+def _decode_attention_torch(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win,
+                            kv_mask, bits, group_size, key_block, sm_scale, chunk=1024):
+    """CPU path: online softmax over chunks, dequantizing one chunk of codes at a time."""
+    _, da = _kv_kernels()
+    b, hq, d = q.shape
+    hkv, tq = k_codes.shape[1], k_codes.shape[2]
+    qg = q.float().view(b, hkv, hq // hkv, d) * sm_scale
+    m = torch.full((b, hkv, hq // hkv), float("-inf"), device=q.device)
+    l = torch.zeros_like(m)
+    acc = torch.zeros_like(qg)
+    if key_block:
+        chunk = max(key_block, chunk // key_block * key_block)
+
+    def blocks():
+        for t0 in range(0, tq, chunk):
+            t1 = min(t0 + chunk, tq)
+            if bits == 16:
+                k, v = k_codes[:, :, t0:t1].float(), v_codes[:, :, t0:t1].float()
+            else:
+                ks = slice(t0 // key_block, -(-t1 // key_block)) if key_block else slice(t0, t1)
+                k = da.dequantize_kv_ref(k_codes[:, :, t0:t1], k_scale[:, :, ks], k_zero[:, :, ks],
+                                         bits, d, group_size, key_block)
+                v = da.dequantize_kv_ref(v_codes[:, :, t0:t1], v_scale[:, :, t0:t1],
+                                         v_zero[:, :, t0:t1], bits, d, group_size)
+            yield k, v, t0
+        if k_win.shape[2]:
+            yield k_win.float(), v_win.float(), tq
+
+    for k, v, t0 in blocks():
+        s = torch.einsum("bhrd,bhtd->bhrt", qg, k)
+        if kv_mask is not None:
+            s = s.masked_fill(~kv_mask[:, None, None, t0:t0 + k.shape[2]], float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        alpha = torch.exp(m - m_safe)
+        p = torch.exp(s - m_safe[..., None])
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + torch.einsum("bhrt,bhtd->bhrd", p, v)
+        m = m_new
+    out = acc / torch.where(l > 0, l, torch.ones_like(l))[..., None]
+    return out.view(b, hq, d).to(q.dtype)
+
+
+@torch.library.custom_op("pllava_fast::decode_attention", mutates_args=())
+def _decode_attention_op(
+    q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor, v_scale: Tensor,
+    v_zero: Tensor, k_win: Tensor, v_win: Tensor, kv_mask: Tensor | None, bits: int,
+    group_size: int, key_block: int, sm_scale: float,
+) -> Tensor:
+    args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win, kv_mask,
+            bits, group_size, key_block, sm_scale)
+    if q.is_cuda:
+        return _kv_kernels()[1]._decode_attention(*args)
+    return _decode_attention_torch(*args)
+
+
+@_decode_attention_op.register_fake
+def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win, kv_mask, bits,
+      group_size, key_block, sm_scale):
+    return torch.empty_like(q)
+
+
+def decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor,
+                     v_scale: Tensor, v_zero: Tensor, k_win: Tensor, v_win: Tensor,
+                     kv_mask: Tensor | None = None, *, bits: int, group_size: int,
+                     key_block: int = 0, sm_scale: float | None = None) -> Tensor:
+    """Attention of one new token per sequence over a quantized cache + full-precision window.
+
+    Shapes (see ``kernels/decode_attention.py``): q (B, Hq, D); codes (B, Hkv, Tq, Dc) uint8 (or
+    floating for ``bits=16``); scales per token group (B, Hkv, Tq, G) or, for keys with
+    ``key_block``, per channel (B, Hkv, Tq // key_block, D); window (B, Hkv, W, D); kv_mask
+    (B, Tq + W) bool, True where a key is visible. Returns (B, Hq, D) in q's dtype.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q must be (B, Hq, D), got shape {tuple(q.shape)}")
+    b, hq, d = q.shape
+    if bits not in KV_BITS:
+        raise ValueError(f"bits must be one of {KV_BITS}, got {bits}")
+    for name, t in (("k_codes", k_codes), ("v_codes", v_codes), ("k_win", k_win), ("v_win", v_win)):
+        if t.dim() != 4 or t.shape[0] != b:
+            raise ValueError(f"{name} must be (B={b}, Hkv, T, *), got shape {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    hkv, tq = k_codes.shape[1], k_codes.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    dc = d if bits != 4 else d // 2
+    if k_codes.shape[-1] != dc or v_codes.shape[-1] != dc or k_win.shape[-1] != d:
+        raise ValueError(f"code width must be {dc} and window width {d} for head dim {d} at "
+                         f"{bits} bits, got {k_codes.shape[-1]}, {v_codes.shape[-1]}, {k_win.shape[-1]}")
+    if bits != 16 and (k_codes.dtype != torch.uint8 or v_codes.dtype != torch.uint8):
+        raise ValueError(f"codes must be uint8 at {bits} bits, got {k_codes.dtype}, {v_codes.dtype}")
+    if kv_mask is not None and (kv_mask.dtype != torch.bool or
+                                tuple(kv_mask.shape) != (b, tq + k_win.shape[2])):
+        raise ValueError(f"kv_mask must be bool (B, Tq + W) = ({b}, {tq + k_win.shape[2]}), "
+                         f"got {kv_mask.dtype} {tuple(kv_mask.shape)}")
+    if bits == 16:
+        k_scale = k_zero = v_scale = v_zero = q.new_empty(0, dtype=torch.float32)
+    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
+    return _decode_attention_op(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win,
+                                v_win, kv_mask, int(bits), int(group_size), int(key_block), scale)

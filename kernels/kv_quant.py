@@ -1,0 +1,211 @@
+"""KV-cache quantization: asymmetric per-group int8 / int4 codes, packed on append.
+
+Format (shared by the cache, the decode-attention kernel and the references):
+
+* ``x`` is a ``(N, D)`` floating matrix: one row per (sequence, head, token).
+* ``bits=8``: ``codes`` is ``(N, D)`` uint8. ``bits=4``: ``codes`` is ``(N, D // 2)`` uint8 with two
+  codes per byte, ``byte[j] = code[2j] | code[2j + 1] << 4`` (``D`` must be even).
+* ``scale`` and ``zero`` are float32; ``x ~= code * scale + zero`` with ``code`` in ``[0, 2**bits - 1]``
+  and ``code = floor((x - zero) / scale + 0.5)``, ``zero = min``, ``scale = (max - min) / (2**bits - 1)``
+  over the group (``scale = 0`` for a constant group, whose codes are then 0).
+* Token groups (``quantize_groups``): ``group_size`` consecutive channels of one row; the last group
+  of a head dim that ``group_size`` does not divide is partial. ``scale``: ``(N, ceil(D / group_size))``.
+* Channel groups (``quantize_channels``, KIVI-style keys): each channel over ``block`` consecutive
+  rows (tokens of one head). ``scale``: ``(N // block, D)``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _codes(x, mn, scale, QMAX: tl.constexpr):
+    safe = tl.where(scale > 0, scale, 1.0)
+    q = tl.floor((x - mn) / safe + 0.5)
+    q = tl.minimum(tl.maximum(q, 0.0), QMAX)
+    return tl.where(scale > 0, q, 0.0).to(tl.uint8)
+
+
+@triton.jit
+def _store_codes(codes_ptr, row_off, col_half, qe, qo, mask, D: tl.constexpr, BITS: tl.constexpr):
+    if BITS == 4:
+        tl.store(codes_ptr + row_off * (D // 2) + col_half, qe | (qo << 4), mask=mask)
+    else:
+        tl.store(codes_ptr + row_off * D + 2 * col_half, qe, mask=mask)
+        tl.store(codes_ptr + row_off * D + 2 * col_half + 1, qo, mask=mask)
+
+
+@triton.jit
+def _quantize_groups_kernel(
+    x_ptr, codes_ptr, scale_ptr, zero_ptr, N,
+    D: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_NG: tl.constexpr,
+):
+    # Tile (BLOCK_N rows, BLOCK_NG groups, G/2 channel pairs); even and odd channels are loaded
+    # separately so int4 packing is a shift-or of two tiles, no interleave needed.
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    grp = tl.arange(0, BLOCK_NG)
+    pair = tl.arange(0, G // 2)
+    r3 = rows[:, None, None]
+    col_half = grp[None, :, None] * (G // 2) + pair[None, None, :]
+    mask = (r3 < N) & (2 * col_half < D)
+    xe = tl.load(x_ptr + r3 * D + 2 * col_half, mask=mask, other=0.0).to(tl.float32)
+    xo = tl.load(x_ptr + r3 * D + 2 * col_half + 1, mask=mask, other=0.0).to(tl.float32)
+    inf = float("inf")
+    mn = tl.minimum(tl.min(tl.where(mask, xe, inf), axis=2), tl.min(tl.where(mask, xo, inf), axis=2))
+    mx = tl.maximum(tl.max(tl.where(mask, xe, -inf), axis=2), tl.max(tl.where(mask, xo, -inf), axis=2))
+    gmask = (rows[:, None] < N) & (grp[None, :] < NG)
+    mn = tl.where(gmask, mn, 0.0)
+    scale = tl.where(gmask, (mx - mn) / (2 ** BITS - 1), 0.0)
+    tl.store(scale_ptr + rows[:, None] * NG + grp[None, :], scale, mask=gmask)
+    tl.store(zero_ptr + rows[:, None] * NG + grp[None, :], mn, mask=gmask)
+    qe = _codes(xe, mn[:, :, None], scale[:, :, None], 2 ** BITS - 1)
+    qo = _codes(xo, mn[:, :, None], scale[:, :, None], 2 ** BITS - 1)
+    _store_codes(codes_ptr, r3, col_half, qe, qo, mask, D, BITS)
+
+
+@triton.jit
+def _quantize_channels_kernel(
+    x_ptr, codes_ptr, scale_ptr, zero_ptr,
+    D: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    # One program per block of BLOCK tokens of one head: statistics per channel over the tokens.
+    pid = tl.program_id(0)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    col_half = tl.arange(0, BLOCK_HALF)
+    mask = (col_half[None, :] * 2 < D) & (rows[:, None] >= 0)
+    r2 = rows[:, None]
+    c2 = col_half[None, :]
+    xe = tl.load(x_ptr + r2 * D + 2 * c2, mask=mask, other=0.0).to(tl.float32)
+    xo = tl.load(x_ptr + r2 * D + 2 * c2 + 1, mask=mask, other=0.0).to(tl.float32)
+    cmask = col_half * 2 < D
+    mn_e, mx_e = tl.min(xe, axis=0), tl.max(xe, axis=0)
+    mn_o, mx_o = tl.min(xo, axis=0), tl.max(xo, axis=0)
+    qmax = 2 ** BITS - 1
+    sc_e, sc_o = (mx_e - mn_e) / qmax, (mx_o - mn_o) / qmax
+    tl.store(scale_ptr + pid * D + 2 * col_half, sc_e, mask=cmask)
+    tl.store(scale_ptr + pid * D + 2 * col_half + 1, sc_o, mask=cmask)
+    tl.store(zero_ptr + pid * D + 2 * col_half, mn_e, mask=cmask)
+    tl.store(zero_ptr + pid * D + 2 * col_half + 1, mn_o, mask=cmask)
+    qe = _codes(xe, mn_e[None, :], sc_e[None, :], qmax)
+    qo = _codes(xo, mn_o[None, :], sc_o[None, :], qmax)
+    _store_codes(codes_ptr, r2, c2, qe, qo, mask, D, BITS)
+
+
+def _check(x: Tensor, bits: int) -> None:
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating (N, D) matrix, got {x.dtype} {tuple(x.shape)}")
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if bits == 4 and x.shape[1] % 2:
+        raise ValueError(f"int4 packs two codes per byte: head dim must be even, got {x.shape[1]}")
+
+
+def _code_width(d: int, bits: int) -> int:
+    return d // 2 if bits == 4 else d
+
+
+def _quantize_groups(x: Tensor, bits: int, group_size: int):
+    """Triton launcher: token-group quantization of ``x`` (N, D) -> (codes, scale, zero)."""
+    _check(x, bits)
+    if group_size < 2 or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 2, got {group_size}")
+    x = x.contiguous()
+    n, d = x.shape
+    ng = triton.cdiv(d, group_size)
+    codes = torch.empty(n, _code_width(d, bits), dtype=torch.uint8, device=x.device)
+    scale = torch.empty(n, ng, dtype=torch.float32, device=x.device)
+    zero = torch.empty_like(scale)
+    block_ng = triton.next_power_of_2(ng)
+    # ~4k elements per program keeps registers modest on GPU and programs few under the interpreter
+    block_n = max(1, min(64, 4096 // (block_ng * group_size)))
+    if n:
+        _quantize_groups_kernel[(triton.cdiv(n, block_n),)](
+            x, codes, scale, zero, n, D=d, G=group_size, NG=ng, BITS=bits,
+            BLOCK_N=block_n, BLOCK_NG=block_ng)
+    return codes, scale, zero
+
+
+def _quantize_channels(x: Tensor, bits: int, block: int):
+    """Triton launcher: per-channel quantization over blocks of ``block`` rows."""
+    _check(x, bits)
+    n, d = x.shape
+    if block < 1 or block & (block - 1) or n % block:
+        raise ValueError(f"channel block must be a power of two dividing the rows ({n}), got {block}")
+    if d % 2:
+        raise ValueError(f"channel quantization needs an even head dim, got {d}")
+    x = x.contiguous()
+    codes = torch.empty(n, _code_width(d, bits), dtype=torch.uint8, device=x.device)
+    scale = torch.empty(n // block, d, dtype=torch.float32, device=x.device)
+    zero = torch.empty_like(scale)
+    if n:
+        _quantize_channels_kernel[(n // block,)](
+            x, codes, scale, zero, D=d, BLOCK=block, BITS=bits,
+            BLOCK_HALF=triton.next_power_of_2(d // 2))
+    return codes, scale, zero
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-torch references
+# ---------------------------------------------------------------------------------------------
+def _codes_ref(x: Tensor, mn: Tensor, scale: Tensor, bits: int) -> Tensor:
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.floor((x - mn) / safe + 0.5).clamp_(0, 2 ** bits - 1)
+    return torch.where(scale > 0, q, torch.zeros_like(q)).to(torch.uint8)
+
+
+def pack_ref(q: Tensor, bits: int) -> Tensor:
+    """Codes (..., D) uint8 -> stored bytes (two per byte for int4, low nibble first)."""
+    if bits == 8:
+        return q.contiguous()
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()
+
+
+def unpack_ref(codes: Tensor, bits: int) -> Tensor:
+    """Stored bytes -> codes (..., D) uint8."""
+    if bits == 8:
+        return codes
+    lo, hi = codes & 15, codes >> 4
+    return torch.stack((lo, hi), dim=-1).flatten(-2)
+
+
+def quantize_groups_ref(x: Tensor, bits: int, group_size: int):
+    """Token-group quantization in plain torch; same contract as ``_quantize_groups``."""
+    _check(x, bits)
+    n, d = x.shape
+    ng = -(-d // group_size)
+    xf = x.float()
+    pad = ng * group_size - d
+    xp = torch.nn.functional.pad(xf, (0, pad), value=float("nan")).view(n, ng, group_size)
+    mn = torch.where(torch.isnan(xp), torch.full_like(xp, float("inf")), xp).amin(-1)
+    mx = torch.where(torch.isnan(xp), torch.full_like(xp, float("-inf")), xp).amax(-1)
+    scale = (mx - mn) / (2 ** bits - 1)
+    exp = lambda t: t.repeat_interleave(group_size, dim=1)[:, :d]  # noqa: E731
+    q = _codes_ref(xf, exp(mn), exp(scale), bits)
+    return pack_ref(q, bits), scale, mn
+
+
+def quantize_channels_ref(x: Tensor, bits: int, block: int):
+    """Per-channel quantization over blocks of ``block`` rows in plain torch."""
+    _check(x, bits)
+    n, d = x.shape
+    xb = x.float().view(n // block, block, d)
+    mn, mx = xb.amin(1), xb.amax(1)
+    scale = (mx - mn) / (2 ** bits - 1)
+    q = _codes_ref(xb, mn[:, None], scale[:, None], bits).view(n, d)
+    return pack_ref(q, bits), scale, mn
+
+
+def dequantize_ref(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, d: int,
+                   group_size: int | None = None, block: int | None = None) -> Tensor:
+    """Codes + scales -> float32 (N, D). Token groups: pass ``group_size``; channel groups: ``block``."""
+    q = unpack_ref(codes, bits).float()[:, :d]
+    if block is not None:
+        n = q.shape[0]
+        return (q.view(n // block, block, d) * scale[:, None] + zero[:, None]).view(n, d)
+    exp = lambda t: t.repeat_interleave(group_size, dim=1)[:, :d]  # noqa: E731
+    return q * exp(scale) + exp(zero)
