@@ -1,0 +1,153 @@
+"""PLLaVA's config.json as a transformers config.
+
+A released PLLaVA checkpoint's config.json says ``model_type: "llava"`` and carries a CLIP
+``vision_config``, a Llama/Mistral ``text_config`` and PLLaVA's pooling fields. The class below reads
+it without registering anything with ``AutoConfig`` (the name "llava" belongs to transformers' own
+LlavaConfig, which reads the same file and ignores the pooling fields).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+# clip-vit-large-patch14-336, the tower of every released PLLaVA
+_DEFAULT_VISION = dict(
+    model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, patch_size=14,
+    image_size=336, num_hidden_layers=24, num_attention_heads=16, projection_dim=768,
+)
+_DEFAULT_TEXT = dict(model_type="llama")
+
+
+def _sub_config(value, defaults: dict) -> PretrainedConfig:
+    if isinstance(value, PretrainedConfig):
+        return value
+    if value is None:
+        value = dict(defaults)
+    if not isinstance(value, dict):
+        raise ValueError(f"sub-config must be a dict or a PretrainedConfig, got {type(value).__name__}")
+    value = dict(value)
+    model_type = value.pop("model_type", defaults["model_type"])
+    # a full CLIP config saved as vision_config still describes the vision tower
+    if model_type == "clip":
+        model_type = "clip_vision_model"
+    return AutoConfig.for_model(model_type, **value)
+
+
+class PllavaConfig(PretrainedConfig):
+    """Configuration of a PLLaVA model (CLIP frames -> pooled visual tokens -> causal LM).
+
+    Args:
+        vision_config: CLIP vision config (dict or config); default CLIP ViT-L/14-336.
+        text_config: causal-LM config (dict with ``model_type`` "llama" / "mistral", or a config).
+        image_token_index: id of ``<image>`` in input_ids; may lie outside the LM's embedding table.
+        projector_hidden_act: activation between the projector's two linears.
+        vision_feature_select_strategy: "default" drops CLS ("full" is not supported, as in PLLaVA).
+        vision_feature_layer: hidden-state index of the CLIP output to use (-2: second-to-last layer).
+        pooling_shape: (t, h, w) of the adaptive average pool over each video's token grid.
+        frame_shape: (H, W) token grid of one frame (image_size / patch_size).
+        num_frames: frames per video that the pooling grid expects.
+        use_pooling: gates PLLaVA's short-clip rule (clips with fewer frames are repeated); pooling
+            itself always runs.
+        pad_token_id: id embedded in place of the image token (and left-padding id).
+    """
+
+    model_type = "llava"
+
+    def __init__(
+        self,
+        vision_config: Any = None,
+        text_config: Any = None,
+        ignore_index: int = -100,
+        image_token_index: int = 32000,
+        projector_hidden_act: str = "gelu",
+        vision_feature_select_strategy: str = "default",
+        vision_feature_layer: int = -2,
+        vocab_size: int | None = None,
+        pooling_method: str = "avg",
+        pooling_shape=(16, 12, 12),
+        frame_shape=(24, 24),
+        num_frames: int = 16,
+        use_pooling: bool = True,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        self.vision_config = _sub_config(vision_config, _DEFAULT_VISION)
+        self.text_config = _sub_config(text_config, _DEFAULT_TEXT)
+        self.ignore_index = ignore_index
+        self.image_token_index = int(image_token_index)
+        self.projector_hidden_act = projector_hidden_act
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.vision_feature_layer = vision_feature_layer
+        self.vocab_size = int(vocab_size if vocab_size is not None else self.text_config.vocab_size)
+        self.pooling_method = pooling_method
+        self.pooling_shape = [int(v) for v in pooling_shape]
+        self.frame_shape = [int(v) for v in frame_shape]
+        self.num_frames = int(num_frames)
+        self.use_pooling = bool(use_pooling)
+        if pad_token_id is None:
+            pad_token_id = getattr(self.text_config, "pad_token_id", None)
+        self.pad_token_id = pad_token_id
+        kwargs.pop("pad_token_id", None)
+        super().__init__(**kwargs)
+        self.validate_pllava()
+
+    def validate_pllava(self) -> None:
+        """Raise ValueError on fields PLLaVA cannot run with."""
+        if len(self.pooling_shape) != 3 or any(v <= 0 for v in self.pooling_shape):
+            raise ValueError(f"pooling_shape must be 3 positive ints, got {self.pooling_shape}")
+        if len(self.frame_shape) != 2 or any(v <= 0 for v in self.frame_shape):
+            raise ValueError(f"frame_shape must be 2 positive ints, got {self.frame_shape}")
+        if self.num_frames <= 0:
+            raise ValueError(f"num_frames must be positive, got {self.num_frames}")
+        if self.pooling_method != "avg":
+            raise ValueError(f"pooling_method {self.pooling_method!r} is not supported (only 'avg')")
+        grid = self.vision_config.image_size // self.vision_config.patch_size
+        if tuple(self.frame_shape) != (grid, grid):
+            raise ValueError(
+                f"frame_shape {tuple(self.frame_shape)} does not match the vision tower's patch grid "
+                f"{grid}x{grid} (image_size {self.vision_config.image_size} / patch_size "
+                f"{self.vision_config.patch_size})")
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(
+                f"unexpected vision_feature_select_strategy {self.vision_feature_select_strategy!r}")
+        if self.pad_token_id is None:
+            raise ValueError(
+                "pad_token_id is missing from config.json and text_config: PLLaVA embeds the image "
+                "token as pad, so it needs one")
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens per video after pooling: t * h * w."""
+        t, h, w = self.pooling_shape
+        return t * h * w
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides) -> "PllavaConfig":  # type: ignore[override]
+        """Read ``path/config.json`` (a directory or the file itself); ``overrides`` replace fields."""
+        path = os.fspath(path)
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+            raise FileNotFoundError(f"no config.json in {path!r}")
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+        if data.get("model_type", "llava") not in ("llava", "pllava"):
+            raise ValueError(
+                f"{file}: model_type {data.get('model_type')!r} is not a PLLaVA (llava) checkpoint")
+        data.pop("model_type", None)
+        data.update(overrides)
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        for key in ("vision_config", "text_config"):
+            sub = getattr(self, key)
+            if isinstance(sub, PretrainedConfig):
+                out[key] = sub.to_dict()
+        out["model_type"] = self.model_type
+        out["pad_token_id"] = self.pad_token_id
+        return out

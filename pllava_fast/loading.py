@@ -1,0 +1,169 @@
+"""Read PLLaVA checkpoints from a local directory into PLLaVA's weight names.
+
+Layouts accepted (all end up as the names of ``PllavaForConditionalGeneration``):
+
+* PLLaVA / pre-4.45 LLaVA: ``vision_tower.vision_model.*``, ``multi_modal_projector.linear_{1,2}.*``,
+  ``language_model.model.*``, ``language_model.lm_head.*``;
+* the same saved from a peft-wrapped LM, as the released PLLaVA weights are:
+  ``language_model.base_model.model.model.layers.N.self_attn.q_proj.base_layer.weight`` plus
+  ``...q_proj.lora_A.default.weight`` (r, in) and ``...lora_B.default.weight`` (out, r); LoRA is
+  merged at load, ``W += (lora_alpha / r) * B @ A`` (r from the shapes), without peft;
+* transformers >= 4.52 LLaVA: ``model.vision_tower.*``, ``model.multi_modal_projector.*``,
+  ``model.language_model.*``, ``lm_head.*``.
+
+Weights come from ``model.safetensors``, safetensors shards with or without an index json, or
+``pytorch_model*.bin`` shards; a ``{"model": state_dict}`` wrapper is unwrapped.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+# benign extras in old checkpoints: buffers the modules recompute
+_IGNORED = re.compile(r"(\.position_ids|\.rotary_emb\.inv_freq)$")
+_PEFT_PREFIX = "language_model.base_model.model."
+_LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_NEW_LAYOUT = (
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "language_model.lm_head."),
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose tensors do not match the model: lists what is missing, extra or misshapen."""
+
+
+def weight_files(path: str) -> list[str]:
+    """The weight files of checkpoint directory ``path`` (safetensors preferred over .bin)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = os.path.join(path, index)
+        if os.path.isfile(index_path):
+            with open(index_path, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            files = [os.path.join(path, s) for s in shards]
+            absent = [f for f in files if not os.path.isfile(f)]
+            if absent:
+                raise FileNotFoundError(f"{index_path} lists shards that are absent: {absent}")
+            return files
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin"))
+                       or glob.glob(os.path.join(path, "model*.bin")))
+    if not files:
+        raise FileNotFoundError(
+            f"no weights in {path!r}: expected model.safetensors, safetensors shards (with or "
+            f"without model.safetensors.index.json) or pytorch_model*.bin")
+    return files
+
+
+def read_state_dict(path: str) -> dict[str, Tensor]:
+    """All tensors of the checkpoint directory ``path``, on CPU, names as stored."""
+    state: dict[str, Tensor] = {}
+    for file in weight_files(path):
+        if file.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            part = load_file(file, device="cpu")
+        else:
+            part = torch.load(file, map_location="cpu", weights_only=True)
+            if isinstance(part, dict) and isinstance(part.get("model"), dict):
+                part = part["model"]
+        if "model" in part and isinstance(part["model"], dict):
+            part = part["model"]
+        state.update(part)
+    return state
+
+
+def _rename(name: str) -> str:
+    if name.startswith(_PEFT_PREFIX):
+        name = "language_model." + name[len(_PEFT_PREFIX):]
+    name = name.replace(".base_layer.", ".")
+    for old, new in _NEW_LAYOUT:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def merge_lora(state: dict[str, Tensor], lora_alpha: float = 4.0) -> dict[str, Tensor]:
+    """Rename peft/new-layout names to PLLaVA's and fold LoRA pairs into their base weights.
+
+    ``W += (lora_alpha / r) * B @ A`` computed in fp32 and cast back to W's dtype; r = A.shape[0].
+    """
+    plain: dict[str, Tensor] = {}
+    lora: dict[str, dict[str, Tensor]] = {}
+    for name, tensor in state.items():
+        m = _LORA.match(name)
+        if m:
+            lora.setdefault(_rename(m["module"] + ".weight"), {})[m["which"]] = tensor
+        else:
+            plain[_rename(name)] = tensor
+    for target, pair in lora.items():
+        if set(pair) != {"A", "B"}:
+            raise CheckpointError(f"LoRA for {target} has only lora_{''.join(pair)}: need both A and B")
+        if target not in plain:
+            raise CheckpointError(f"LoRA weights for {target} but no base weight for it")
+        a, b, w = pair["A"], pair["B"], plain[target]
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != w.shape:
+            raise CheckpointError(
+                f"LoRA shapes do not fit {target}: base {tuple(w.shape)}, lora_A {tuple(a.shape)}, "
+                f"lora_B {tuple(b.shape)}")
+        scale = float(lora_alpha) / a.shape[0]
+        plain[target] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+    return plain
+
+
+def _listing(title: str, names: Iterable[str], limit: int = 20) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{title} ({len(names)}): " + ", ".join(names[:limit]) + more
+
+
+_VISION_FULL, _VISION_FLAT = "vision_tower.vision_model.", "vision_tower."
+
+
+def checkpoint_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Model state (any transformers 5.x) -> PLLaVA checkpoint names (``vision_tower.vision_model.*``;
+    5.24's CLIPVisionModel keeps its modules directly under ``vision_tower.``)."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith(_VISION_FLAT) and not k.startswith(_VISION_FULL):
+            k = _VISION_FULL + k[len(_VISION_FLAT):]
+        out[k] = v
+    return out
+
+
+def _match_vision_layout(state: dict[str, Tensor], expected) -> dict[str, Tensor]:
+    if any(k.startswith(_VISION_FULL) for k in expected):
+        return state
+    return {(_VISION_FLAT + k[len(_VISION_FULL):] if k.startswith(_VISION_FULL) else k): v
+            for k, v in state.items()}
+
+
+def load_into(model: torch.nn.Module, state: dict[str, Tensor], *, source: str = "checkpoint",
+              tied: Iterable[str] = ()) -> None:
+    """Copy ``state`` (PLLaVA names) into ``model``; any missing, unexpected or misshapen tensor
+    raises CheckpointError listing all of them. ``tied``: names filled by weight tying."""
+    expected = model.state_dict()
+    tied = set(tied)
+    state = _match_vision_layout(state, expected)
+    state = {k: v for k, v in state.items() if not (_IGNORED.search(k) and k not in expected)}
+    missing = [k for k in expected if k not in state and k not in tied]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    problems = [_listing(title, items) for title, items in (
+        ("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        if items]
+    if problems:
+        raise CheckpointError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,391 @@
+"""PllavaForConditionalGeneration: CLIP frames -> pooled visual tokens -> causal LM, on transformers 5.
+
+Reuses transformers' ``CLIPVisionModel`` and ``AutoModelForCausalLM`` (Llama, Mistral; Yi is Llama)
+and their ``generate()``. Differences from the original forward, all exact up to float rounding:
+
+* the vision tower runs only up to ``vision_feature_layer`` and keeps only that output;
+* the projector pools right after the activation, before linear_2 (see ``projector.py``);
+* the short-clip repeat rule is applied per video, so a batch may mix clip lengths.
+
+Prompts hold one ``image_token_index`` per video; it expands in place to the video's
+``prod(pooling_shape)`` visual tokens at prefill. ``generate()`` keeps the expanded attention mask
+between steps, so left-padded batches and every decoding strategy of GenerationMixin work.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationConfig, GenerationMixin
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import PllavaConfig
+from .loading import load_into, merge_lora, read_state_dict
+from .projector import PllavaProjector
+
+_VISION_ATTN = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+
+
+@dataclass
+class PllavaCausalLMOutput(CausalLMOutputWithPast):
+    """The LM's output plus, at prefill, the attention mask of the expanded (merged) sequence."""
+
+    attention_mask: Tensor | None = None
+
+
+def cache_kwarg_name(module: nn.Module) -> str:
+    """The keyword the installed transformers uses for the KV cache in ``module.forward``.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns until 5.40);
+    5.17 only knows ``past_key_values``.
+    """
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_length(cache) -> int:
+    """Tokens already held by a transformers Cache (0 for None)."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2])  # legacy tuple of (k, v)
+
+
+def resolve_dtype(dtype, config: PllavaConfig | None = None) -> torch.dtype | None:
+    """torch dtype from a dtype, its name, or "auto" (the checkpoint's own)."""
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    if not isinstance(getattr(torch, name, None), torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def _fast_init(dtype: torch.dtype | None):
+    """Build modules without random init (weights come from the checkpoint), in ``dtype``."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older 5.x
+        from transformers.modeling_utils import no_init_weights
+    previous = torch.get_default_dtype()
+    if dtype is not None and dtype.is_floating_point:
+        torch.set_default_dtype(dtype)
+    try:
+        with no_init_weights():
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    """PLLaVA video-language model (parameter names as PLLaVA's checkpoints)."""
+
+    config_class = PllavaConfig
+    main_input_name = "input_ids"
+    base_model_prefix = "pllava"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["CLIPEncoderLayer", "LlamaDecoderLayer", "MistralDecoderLayer"]
+
+    def __init__(self, config: PllavaConfig, attn_implementation: str = "sdpa"):
+        super().__init__(config)
+        vision_config, text_config = config.vision_config, config.text_config
+        vision_config._attn_implementation = (
+            attn_implementation if attn_implementation in _VISION_ATTN else "sdpa")
+        text_config._attn_implementation = attn_implementation
+        self.vision_tower = CLIPVisionModel(vision_config)
+        self.multi_modal_projector = PllavaProjector(
+            vision_config.hidden_size, text_config.hidden_size, config.projector_hidden_act,
+            config.frame_shape, config.pooling_shape)
+        self.language_model = AutoModelForCausalLM.from_config(text_config)
+        self._cache_kw = cache_kwarg_name(self.language_model)
+        self._lm_params = set(inspect.signature(self.language_model.forward).parameters)
+        layers = self.vision_model.encoder.layers
+        self._layer_kwargs = (
+            {"causal_attention_mask": None}
+            if "causal_attention_mask" in inspect.signature(layers[0].forward).parameters else {})
+        self.post_init()
+
+    @property
+    def vision_model(self) -> nn.Module:
+        """The CLIP transformer (embeddings, pre_layrnorm, encoder): ``vision_tower.vision_model``
+        up to transformers 5.2x, ``vision_tower`` itself in 5.24."""
+        return getattr(self.vision_tower, "vision_model", self.vision_tower)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path, *, torch_dtype=None, dtype=None, attn_implementation: str = "sdpa",
+                        lora_alpha: float = 4.0, device=None, **config_overrides):
+        """Load a PLLaVA checkpoint directory (config.json + weights, see ``loading.py``).
+
+        Args:
+            torch_dtype / dtype: weights dtype (a torch dtype, its name, or "auto"); default fp32.
+            attn_implementation: "sdpa" (default), "eager", "flash_attention_2", ... passed to the LM.
+            lora_alpha: LoRA alpha for peft-saved checkpoints (scale = lora_alpha / r).
+            device: where to put the model.
+            config_overrides: replace config fields (e.g. ``num_frames=4``, ``pooling_shape=...``).
+        """
+        path = os.fspath(path)
+        config = PllavaConfig.from_pretrained(path, **config_overrides)
+        dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
+        state = merge_lora(read_state_dict(path), lora_alpha=lora_alpha)
+        with _fast_init(dtype):
+            model = cls(config, attn_implementation=attn_implementation)
+        tied = ({"language_model.lm_head.weight"}
+                if getattr(config.text_config, "tie_word_embeddings", False) else set())
+        load_into(model, state, source=f"checkpoint {path!r}", tied=tied)
+        if tied:
+            model.language_model.lm_head.weight = model.language_model.get_input_embeddings().weight
+        if dtype is not None:
+            model.to(dtype)
+        if os.path.isfile(os.path.join(path, "generation_config.json")):
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = config.pad_token_id
+        model.name_or_path = path
+        model.eval()
+        return model.to(device) if device is not None else model
+
+    def _init_weights(self, module):
+        # only tiny test models are built from scratch; the submodels init themselves
+        if isinstance(module, nn.Linear) and module in (self.multi_modal_projector.linear_1,
+                                                        self.multi_modal_projector.linear_2):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    # ------------------------------------------------------------------ vision
+    def _vision_layers_needed(self) -> int:
+        n_layers = len(self.vision_model.encoder.layers)
+        k = int(self.config.vision_feature_layer)
+        if not -(n_layers + 1) <= k <= n_layers:
+            raise ValueError(f"vision_feature_layer {k} out of range for a {n_layers}-layer tower")
+        return k % (n_layers + 1)  # hidden_states[0] is the embedding output
+
+    def vision_features(self, pixel_values: Tensor) -> Tensor:
+        """(N_frames, 3, S, S) -> (N_frames, H*W, D_vision): CLIP run only up to
+        ``vision_feature_layer``, that layer's output with CLS dropped."""
+        if self.config.vision_feature_select_strategy != "default":
+            raise ValueError(
+                f"vision_feature_select_strategy {self.config.vision_feature_select_strategy!r} is "
+                "not supported: PLLaVA pools a frame_shape grid of patch tokens, so only 'default' "
+                "(CLS dropped) works")
+        if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be a (frames, 3, S, S) tensor, got "
+                             f"{getattr(pixel_values, 'shape', type(pixel_values))}")
+        vm = self.vision_model
+        param = vm.embeddings.patch_embedding.weight
+        h = vm.pre_layrnorm(vm.embeddings(pixel_values.to(device=param.device, dtype=param.dtype)))
+        for layer in vm.encoder.layers[:self._vision_layers_needed()]:
+            out = layer(h, None, **self._layer_kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+        return h[:, 1:]
+
+    def split_frames(self, n_frames: int, frames_per_video: Sequence[int] | None) -> list[int]:
+        """Frames of each video; default: videos of ``num_frames`` (or one shorter clip)."""
+        t = self.config.num_frames
+        if frames_per_video is None:
+            if n_frames % t == 0:
+                return [t] * (n_frames // t)
+            if n_frames < t:
+                return [n_frames]
+            raise ValueError(
+                f"{n_frames} frames is not a multiple of num_frames={t}: pass frames_per_video")
+        counts = [int(n) for n in frames_per_video]
+        if any(n <= 0 for n in counts) or sum(counts) != n_frames:
+            raise ValueError(f"frames_per_video {counts} must be positive and sum to the "
+                             f"{n_frames} frames of pixel_values")
+        return counts
+
+    def prepare_video_frames(self, features: Tensor,
+                             frames_per_video: Sequence[int] | None = None) -> Tensor:
+        """PLLaVA's short-clip rule, per video: (sum frames, H*W, D) -> (B*num_frames, H*W, D).
+
+        An image (1 frame) is repeated num_frames times; with ``use_pooling`` a clip of
+        n < num_frames frames becomes ``repeat_interleave(int(num_frames / n) + 1)[:num_frames]``.
+        """
+        t = self.config.num_frames
+        counts = self.split_frames(features.shape[0], frames_per_video)
+        if all(n == t for n in counts):
+            return features
+        videos = []
+        for i, video in enumerate(torch.split(features, counts)):
+            n = video.shape[0]
+            if n == 1:
+                video = video.expand(t, *video.shape[1:])
+            elif n < t and self.config.use_pooling:
+                video = video.repeat_interleave(int(t / n) + 1, dim=0)[:t]
+            elif n != t:
+                raise ValueError(
+                    f"video {i} has {n} frames but the model takes num_frames={t}"
+                    + ("" if n > t else " (use_pooling=False disables the short-clip repeat)"))
+            videos.append(video)
+        return torch.cat(videos)
+
+    def get_video_features(self, pixel_values: Tensor,
+                           frames_per_video: Sequence[int] | None = None) -> Tensor:
+        """(sum frames, 3, S, S) -> (B, t*h*w, D_llm) pooled visual tokens, one row per video."""
+        features = self.prepare_video_frames(self.vision_features(pixel_values), frames_per_video)
+        return self.multi_modal_projector(features, self.config.num_frames)
+
+    # ------------------------------------------------------------------ merge
+    def embed_text(self, input_ids: Tensor) -> Tensor:
+        """Token embeddings; image tokens (possibly outside the table) embed as pad, as PLLaVA."""
+        ids = input_ids.masked_fill(input_ids == self.config.image_token_index, self.config.pad_token_id)
+        return self.get_input_embeddings()(ids)
+
+    def merge_visual_tokens(self, input_ids: Tensor, attention_mask: Tensor | None,
+                            video_embeds: Tensor):
+        """Expand each image token in place into its video's tokens.
+
+        input_ids (B, L) with one image token per video (row-major video order), video_embeds
+        (n_videos, V, D). Returns inputs_embeds (B, L', D), attention_mask (B, L'), position_ids
+        (B, L'): rows are aligned right when left-padded (PLLaVA's rule), left otherwise.
+        """
+        image = input_ids == self.config.image_token_index
+        n_videos, n_vis, _ = video_embeds.shape
+        if int(image.sum()) != n_videos:
+            raise ValueError(f"input_ids hold {int(image.sum())} image tokens "
+                             f"(id {self.config.image_token_index}) but {n_videos} videos were given")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text_embeds = self.embed_text(input_ids)
+        bsz, seq = input_ids.shape
+        # last slot of each source token in its expanded row
+        end = torch.cumsum(image.long() * (n_vis - 1) + 1, dim=-1) - 1
+        row_len = end[:, -1] + 1
+        total = int(row_len.max())
+        left_padding = not bool((attention_mask[:, -1] == 0).any())
+        if left_padding:
+            end = end + (total - row_len)[:, None]
+        start = end - image.long() * (n_vis - 1)
+
+        embeds = text_embeds.new_zeros(bsz, total, text_embeds.shape[-1])
+        mask = attention_mask.new_zeros(bsz, total)
+        rows = torch.arange(bsz, device=input_ids.device)[:, None].expand(bsz, seq)
+        text = ~image
+        embeds[rows[text], start[text]] = text_embeds[text]
+        mask[rows[text], start[text]] = attention_mask[text]
+        slots = start[image][:, None] + torch.arange(n_vis, device=input_ids.device)
+        img_rows = rows[image][:, None].expand_as(slots)
+        embeds[img_rows, slots] = video_embeds.to(embeds.dtype)
+        mask[img_rows, slots] = 1
+        position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        return embeds, mask, position_ids
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache=None,
+        past_key_values=None,
+        inputs_embeds: Tensor | None = None,
+        frames_per_video: Sequence[int] | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+        labels: Tensor | None = None,
+        **kwargs,
+    ) -> PllavaCausalLMOutput:
+        """Prefill (with pixel_values) or decode step (without) through the LM.
+
+        input_ids (B, L) with one image token per video; pixel_values (sum frames, 3, S, S),
+        frame-major per video; ``frames_per_video`` when videos have different frame counts. In
+        decode steps ``attention_mask`` covers the cached (expanded) sequence plus the new tokens.
+        ``cache`` / ``past_key_values``: a transformers Cache, passed to the LM.
+        """
+        if labels is not None:
+            raise ValueError("labels are not supported: pllava-fast is an inference package")
+        cache = cache if cache is not None else past_key_values
+        kwargs.pop("cache_position", None)  # positions of the un-expanded ids: recomputed below
+        merged_mask = None
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            if pixel_values is not None:
+                video_embeds = self.get_video_features(pixel_values, frames_per_video)
+                inputs_embeds, attention_mask, position_ids = self.merge_visual_tokens(
+                    input_ids, attention_mask, video_embeds)
+                merged_mask = attention_mask
+            else:
+                inputs_embeds = self.embed_text(input_ids)
+        cur_len = inputs_embeds.shape[1]
+        past = cache_length(cache)
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2 \
+                and attention_mask.shape[1] == past + cur_len:
+            # PLLaVA's positions: count of attended tokens so far (left padding shifts nothing)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+            position_ids = position_ids[:, -cur_len:]
+        lm_kwargs = dict(kwargs)
+        if cache is not None:
+            lm_kwargs[self._cache_kw] = cache
+        if "cache_position" in self._lm_params:
+            lm_kwargs["cache_position"] = torch.arange(past, past + cur_len, device=inputs_embeds.device)
+        out = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=use_cache, logits_to_keep=logits_to_keep, **lm_kwargs)
+        return PllavaCausalLMOutput(**dict(out.items()), attention_mask=merged_mask)
+
+    # ------------------------------------------------------------------ generate hooks
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        cache = inputs.get("cache", inputs.get("past_key_values"))
+        if cache_length(cache) > 0:  # visual tokens are merged at prefill only
+            inputs.pop("pixel_values", None)
+            inputs.pop("frames_per_video", None)
+        return inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        # from now on the mask must cover the expanded sequence that the cache holds
+        if getattr(outputs, "attention_mask", None) is not None:
+            model_kwargs["attention_mask"] = outputs.attention_mask
+        model_kwargs.pop("position_ids", None)
+        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: Tensor | None = None, **model_kwargs):
+        # pixel_values is frame-major per video, not per row: repeat whole videos, row by row
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        frames_per_video = model_kwargs.pop("frames_per_video", None)
+        if expand_size > 1 and pixel_values is not None and input_ids is not None:
+            counts = self.split_frames(pixel_values.shape[0], frames_per_video)
+            videos = list(torch.split(pixel_values, counts))
+            per_row = (input_ids == self.config.image_token_index).sum(-1).tolist()
+            if sum(per_row) != len(videos):
+                raise ValueError(f"input_ids hold {sum(per_row)} image tokens but pixel_values has "
+                                 f"{len(videos)} videos")
+            new_videos, new_counts, k = [], [], 0
+            for n in per_row:
+                row = videos[k:k + n]
+                k += n
+                for _ in range(expand_size):
+                    new_videos += row
+                    new_counts += [v.shape[0] for v in row]
+            pixel_values, frames_per_video = torch.cat(new_videos), new_counts
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids,
+            **model_kwargs)
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        if frames_per_video is not None:
+            model_kwargs["frames_per_video"] = frames_per_video
+        return input_ids, model_kwargs

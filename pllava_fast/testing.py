@@ -1,0 +1,215 @@
+"""A tiny random PLLaVA in the real checkpoint layout, for tests, the demo and benchmarks.
+
+Real architecture (CLIP vision tower, 2-layer projector, Llama/Mistral LM), small widths, random
+weights scaled so that next-token logits are well separated (greedy decoding is then stable under
+float rounding), and a small byte-level-free BPE tokenizer built locally with ``tokenizers``: nothing
+is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+from torch import nn
+
+# words the tokenizer learns merges from; anything else still encodes (character fallback)
+_CORPUS = [
+    "USER: <image> What is happening in the video? ASSISTANT: A person is cooking in a kitchen.",
+    "Describe the video in details. The dog runs across the yard and jumps over a small fence.",
+    "Carefully watch the video and pay attention to the cause and sequence of events.",
+    "Question: What does the woman do? Options: (A) dance (B) yoga (C) cook (D) sleep Best option:(",
+    "the a an of to in on and is are was were with for at by from this that it he she they",
+    "red green blue yellow black white moving shapes square circle triangle left right up down",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,:;!?()'\"-\n",
+]
+SPECIAL = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>", "image": "<image>"}
+
+TINY_DEFAULTS: dict[str, Any] = dict(
+    image_size=56, patch_size=14, vision_hidden=32, vision_layers=3, vision_heads=4,
+    text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_model_type="llama",
+    num_frames=4, pooling_shape=(4, 2, 2), vision_feature_layer=-2, projector_hidden_act="gelu",
+    use_pooling=True, tie_word_embeddings=False, image_token_outside_vocab=False,
+    vision_feature_select_strategy="default", seed=0,
+)
+
+
+def build_tokenizer():
+    """A ~300-token BPE tokenizer in Llama's style (Metaspace, <s> prepended), with <image> and <pad>
+    as special tokens; a ``transformers.PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL["unk"]))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=[SPECIAL["unk"], SPECIAL["bos"], SPECIAL["eos"]],
+        show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    tok.add_special_tokens([SPECIAL["pad"], SPECIAL["image"]])
+    bos = SPECIAL["bos"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=SPECIAL["eos"], unk_token=SPECIAL["unk"],
+        pad_token=SPECIAL["pad"], extra_special_tokens={"image_token": SPECIAL["image"]},
+        padding_side="left")
+
+
+def tiny_config(tokenizer=None, **overrides):
+    """PllavaConfig of the tiny model; ``overrides`` as in TINY_DEFAULTS or any PllavaConfig field."""
+    from .config import PllavaConfig
+
+    opts = dict(TINY_DEFAULTS)
+    unknown_cfg = {k: overrides.pop(k) for k in list(overrides) if k not in opts}
+    opts.update(overrides)
+    tokenizer = tokenizer or build_tokenizer()
+    vocab = len(tokenizer)
+    image_id = tokenizer.convert_tokens_to_ids(SPECIAL["image"])
+    pad_id = tokenizer.pad_token_id
+    text_vocab = image_id if opts["image_token_outside_vocab"] else vocab
+    if opts["image_token_outside_vocab"] and image_id != vocab - 1:
+        raise ValueError("the image token must be the tokenizer's last id to lie outside the table")
+    grid = opts["image_size"] // opts["patch_size"]
+    text_config = dict(
+        model_type=opts["text_model_type"], vocab_size=text_vocab, hidden_size=opts["text_hidden"],
+        intermediate_size=2 * opts["text_hidden"], num_hidden_layers=opts["text_layers"],
+        num_attention_heads=opts["text_heads"], num_key_value_heads=opts["text_kv_heads"],
+        max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=pad_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=opts["tie_word_embeddings"],
+    )
+    if opts["text_model_type"] == "mistral":
+        text_config["sliding_window"] = None
+    vision_config = dict(
+        model_type="clip_vision_model", hidden_size=opts["vision_hidden"],
+        intermediate_size=2 * opts["vision_hidden"], num_hidden_layers=opts["vision_layers"],
+        num_attention_heads=opts["vision_heads"], image_size=opts["image_size"],
+        patch_size=opts["patch_size"], projection_dim=opts["vision_hidden"], hidden_act="quick_gelu",
+    )
+    return PllavaConfig(
+        vision_config=vision_config, text_config=text_config, image_token_index=image_id,
+        pad_token_id=pad_id, projector_hidden_act=opts["projector_hidden_act"],
+        vision_feature_layer=opts["vision_feature_layer"],
+        vision_feature_select_strategy=opts["vision_feature_select_strategy"],
+        pooling_shape=opts["pooling_shape"], frame_shape=(grid, grid),
+        num_frames=opts["num_frames"], use_pooling=opts["use_pooling"],
+        architectures=["PllavaForConditionalGeneration"], tie_word_embeddings=opts["tie_word_embeddings"],
+        **unknown_cfg,
+    ), opts["seed"]
+
+
+@torch.no_grad()
+def _randomize(model: nn.Module, seed: int) -> None:
+    """Unit-variance activations and well separated logits: weights ~ N(0, 1/fan_in), embeddings
+    ~ N(0, 1), norms' gains ~ 1 + N(0, 0.1), biases ~ N(0, 0.1), lm_head ~ N(0, 16/fan_in)."""
+    gen = torch.Generator().manual_seed(seed)
+    lm_head = model.get_output_embeddings()
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            fan_in = p[0].numel()
+            std = 1.0 if "embed" in name and "patch" not in name else fan_in ** -0.5
+            if lm_head is not None and p is lm_head.weight and "embed" not in name:
+                std = 4.0 * fan_in ** -0.5
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+        elif "norm" in name and name.endswith("weight"):
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+        else:
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def _peft_state(state: dict, rank: int, seed: int) -> dict:
+    """The LM's names as saved from a peft-wrapped model with LoRA on q_proj / v_proj."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    out = {}
+    for name, t in state.items():
+        if not name.startswith("language_model."):
+            out[name] = t
+            continue
+        peft_name = "language_model.base_model.model." + name[len("language_model."):]
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight")):
+            module = peft_name[: -len(".weight")]
+            out[module + ".base_layer.weight"] = t
+            out_f, in_f = t.shape
+            out[module + ".lora_A.default.weight"] = torch.randn(rank, in_f, generator=gen) * in_f ** -0.5
+            out[module + ".lora_B.default.weight"] = torch.randn(out_f, rank, generator=gen) * rank ** -0.5
+        else:
+            out[peft_name] = t
+    return out
+
+
+def save_tiny_pllava(path=None, *, lora_rank: int | None = None, shards: int = 1,
+                     weights_format: str = "safetensors", **overrides) -> str:
+    """Write a tiny random PLLaVA checkpoint (config.json, weights, tokenizer files) to ``path``
+    (a new temporary directory when None) and return the path.
+
+    Args:
+        lora_rank: save the LM with peft-wrapped names and random LoRA pairs of this rank on
+            q_proj / v_proj (the saved base weights are then NOT the effective ones).
+        shards: number of weight files (with an index json when > 1).
+        weights_format: "safetensors" or "bin".
+        overrides: TINY_DEFAULTS keys (image_size, num_frames, pooling_shape, text_model_type,
+            tie_word_embeddings, image_token_outside_vocab, seed, ...) or PllavaConfig fields.
+    """
+    from .loading import checkpoint_names
+    from .model import PllavaForConditionalGeneration
+
+    path = os.fspath(path) if path is not None else tempfile.mkdtemp(prefix="tiny-pllava-")
+    os.makedirs(path, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config, seed = tiny_config(tokenizer, **overrides)
+    model = PllavaForConditionalGeneration(config)
+    _randomize(model, seed)
+    state = checkpoint_names({k: v.contiguous() for k, v in model.state_dict().items()})
+    if config.text_config.tie_word_embeddings:
+        state.pop("language_model.lm_head.weight")
+    if lora_rank:
+        state = _peft_state(state, int(lora_rank), seed)
+    _write_weights(path, state, shards, weights_format)
+    config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _write_weights(path: str, state: dict, shards: int, weights_format: str) -> None:
+    names = sorted(state)
+    groups = [names[i::shards] for i in range(shards)]
+    ext = {"safetensors": "safetensors", "bin": "bin"}.get(weights_format)
+    if ext is None:
+        raise ValueError(f"weights_format must be 'safetensors' or 'bin', got {weights_format!r}")
+    stem = "model" if ext == "safetensors" else "pytorch_model"
+    weight_map = {}
+    for i, group in enumerate(groups):
+        fname = f"{stem}.{ext}" if shards == 1 else f"{stem}-{i + 1:05d}-of-{shards:05d}.{ext}"
+        part = {k: state[k] for k in group}
+        if ext == "safetensors":
+            from safetensors.torch import save_file
+            save_file(part, os.path.join(path, fname), metadata={"format": "pt"})
+        else:
+            torch.save(part, os.path.join(path, fname))
+        weight_map.update({k: fname for k in group})
+    if shards > 1:
+        with open(os.path.join(path, f"{stem}.{ext}.index.json"), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+
+
+def tiny_pllava(path=None, *, dtype=None, attn_implementation: str = "sdpa", **overrides):
+    """Save a tiny PLLaVA (see ``save_tiny_pllava``) and load it: returns (model, tokenizer)."""
+    from .conversation import load_tokenizer
+    from .model import PllavaForConditionalGeneration
+
+    lora_alpha = overrides.pop("lora_alpha", 4.0)
+    path = save_tiny_pllava(path, **overrides)
+    model = PllavaForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation, lora_alpha=lora_alpha)
+    return model, load_tokenizer(path)
+
+
+def random_pixel_values(frames: int, config, *, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """(frames, 3, S, S) normalized-looking random pixels for ``config``'s vision tower."""
+    gen = torch.Generator().manual_seed(seed)
+    size = config.vision_config.image_size
+    return torch.randn(frames, 3, size, size, generator=gen).to(dtype)
