@@ -171,7 +171,7 @@ def _load_image(fp, name: str, rotate: bool) -> np.ndarray:
         with Image.open(fp) as im:
             if rotate:
                 im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except (UnidentifiedImageError, OSError) as e:
         raise VideoDecodeError(f"{name}: cannot read image ({e})") from e
 
@@ -311,11 +311,12 @@ def _scan(opener: _Opener) -> _Table:
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         listed = stream.frames
         codec = stream.codec_context.name
+        mov = "mp4" in container.format.name
     finally:
         container.close()
     if all(discard):
         raise VideoDecodeError(f"{opener.name}: the video stream has no frames")
-    if listed and len(pts) < listed and codec in ("h264", "hevc"):
+    if mov and listed and len(pts) < listed:
         # mp4/mov list every sample; fewer packets than listed means the data was cut short
         raise VideoDecodeError(f"{opener.name}: truncated video: the container lists {listed} "
                                f"frames, only {len(pts)} could be read")
