@@ -283,6 +283,99 @@ def token_norm_stats(x: Tensor, threshold: float | Tensor = 0.0) -> TokenNormSta
 # ---------------------------------------------------------------------------------------------
 # Frames -> model input (csrc/)
 # ---------------------------------------------------------------------------------------------
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+COLOR_MATRICES = ("bt601", "bt709")  # index = the op's ``matrix`` argument
+FRAME_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("pllava_fast::frames_to_tensor", mutates_args=())
+def _frames_to_tensor_op(
+    frames: Tensor, u: Tensor | None, v: Tensor | None, matrix: int, full_range: bool,
+    geometry: list[int], mean: list[float], std: list[float], dtype: torch.dtype,
+) -> Tensor:
+    from . import _ext
+    ext = _ext.load()
+    args = (frames, u, v, matrix, full_range, list(geometry), list(mean), list(std), dtype)
+    if ext is not None and frames.device.type == "cpu":
+        return ext.frames_to_tensor_cpu(*args)
+    if ext is not None and frames.device.type == "cuda" and getattr(ext, "with_cuda", False):
+        return ext.frames_to_tensor_cuda(*args)
+    from .preprocess import frames_to_tensor_torch  # same math in torch (no _C, or no CUDA _C)
+    return frames_to_tensor_torch(*args)
+
+
+@_frames_to_tensor_op.register_fake
+def _(frames, u, v, matrix, full_range, geometry, mean, std, dtype):
+    out = geometry[10]
+    return frames.new_empty((frames.shape[0], 3, out, out), dtype=dtype)
+
+
+def frames_to_tensor(
+    frames: Tensor,
+    u: Tensor | None = None,
+    v: Tensor | None = None,
+    *,
+    geometry: Sequence[int],
+    matrix: str = "bt601",
+    full_range: bool = False,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Decoded frames -> normalized model input, one batched op (csrc/; torch fallback).
+
+    Args:
+        frames: RGB (T, H, W, 3) uint8, or the Y plane (T, H, W) uint8 when ``u``/``v`` are given.
+        u, v: 4:2:0 chroma planes (T, (H + 1) // 2, (W + 1) // 2) uint8, same device as frames.
+        geometry: 11 ints (h1, w1, top1, left1, hc, wc, h2, w2, top2, left2, out): antialiased
+            bicubic resize to (h1, w1), crop hc x wc at (top1, left1), resize to (h2, w2), crop
+            out x out at (top2, left2); see ``pllava_fast.preprocess.pllava_geometry``.
+        matrix / full_range: how to convert YUV ("bt601" | "bt709", limited or full range).
+        mean, std: per-channel normalization after rescaling by 1/255.
+        dtype: float32 | float16 | bfloat16.
+
+    Returns:
+        (T, 3, out, out) tensor of ``dtype`` on frames' device.
+    """
+    if not isinstance(frames, Tensor):
+        raise ValueError(f"frames must be a torch.Tensor, got {type(frames).__name__}")
+    if frames.dtype != torch.uint8:
+        raise ValueError(f"frames must be uint8, got dtype {frames.dtype}")
+    if (u is None) != (v is None):
+        raise ValueError("u and v must both be given (YUV 4:2:0) or both be None (RGB frames)")
+    if u is None:
+        if frames.dim() != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"RGB frames must be (T, H, W, 3), got shape {tuple(frames.shape)}")
+    else:
+        if frames.dim() != 3:
+            raise ValueError(f"the Y plane must be (T, H, W), got shape {tuple(frames.shape)}")
+        t, h, w = frames.shape
+        want = (t, (h + 1) // 2, (w + 1) // 2)
+        for name, plane in (("u", u), ("v", v)):
+            if not isinstance(plane, Tensor) or plane.dtype != torch.uint8:
+                raise ValueError(f"{name} plane must be a uint8 tensor, got "
+                                 f"{getattr(plane, 'dtype', type(plane).__name__)}")
+            if tuple(plane.shape) != want:
+                raise ValueError(f"{name} plane must be (T, (H+1)//2, (W+1)//2) = {want} for a Y "
+                                 f"plane of {tuple(frames.shape)}, got {tuple(plane.shape)}")
+            if plane.device != frames.device:
+                raise ValueError(f"{name} plane is on {plane.device}, the Y plane on {frames.device}")
+    if frames.numel() == 0:
+        raise ValueError(f"frames must be non-empty, got shape {tuple(frames.shape)}")
+    if matrix not in COLOR_MATRICES:
+        raise ValueError(f"matrix must be one of {COLOR_MATRICES}, got {matrix!r}")
+    geometry = [int(g) for g in geometry]
+    if len(geometry) != 11:
+        raise ValueError(f"geometry must be 11 ints, got {len(geometry)}")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std must have 3 values, got {len(mean)} and {len(std)}")
+    if dtype not in FRAME_DTYPES:
+        raise ValueError(f"dtype must be one of {FRAME_DTYPES}, got {dtype}")
+    return _frames_to_tensor_op(
+        frames, u, v, COLOR_MATRICES.index(matrix), bool(full_range), geometry,
+        [float(m) for m in mean], [float(s) for s in std], dtype)
+
 
 
 # ---------------------------------------------------------------------------------------------

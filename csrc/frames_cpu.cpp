@@ -1,0 +1,168 @@
+// CPU implementation of frames_to_tensor: one frame per task (at::parallel_for), every stage on
+// 4-byte pixels (R, G, B, 0 as Pillow stores RGB) so the inner loops are fixed-width int32 vector
+// code. Only the pixels that survive both crops are computed.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "frames.h"
+
+namespace pllava_fast {
+namespace {
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// One binary for every x86-64 CPU, the int32 multiply-accumulate loops in AVX2 where present.
+#define PF_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define PF_MULTIVERSION
+#endif
+
+// One row of the horizontal pass. src: padded RGBX row (taps past the image read zeros with zero
+// weight); k4: (n, ksize * 4) weights repeated per channel; ksize is even.
+PF_MULTIVERSION void hpass_row(const uint8_t* src, const int32_t* xmin, const int32_t* k4, int n,
+                               int ksize, uint8_t* dst) {
+  const int span = ksize * 4;
+  for (int x = 0; x < n; ++x) {
+    const uint8_t* s = src + (size_t)xmin[x] * 4;
+    const int32_t* k = k4 + (size_t)x * span;
+    int32_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int j = 0; j < span; j += 8) {
+      for (int l = 0; l < 8; ++l) acc[l] += (int32_t)s[j + l] * k[j + l];
+    }
+    for (int c = 0; c < 3; ++c) dst[x * 4 + c] = clip8(resample_init() + acc[c] + acc[c + 4]);
+    dst[x * 4 + 3] = 0;
+  }
+}
+
+// One output row of the vertical pass over len bytes: dst[i] = sum_j k[j] * rows[j][i].
+PF_MULTIVERSION void vpass_row(const uint8_t* src, size_t stride, const int32_t* k, int count,
+                               int len, int32_t* acc, uint8_t* dst) {
+  for (int i = 0; i < len; ++i) acc[i] = resample_init();
+  for (int j = 0; j < count; ++j) {
+    const uint8_t* row = src + (size_t)j * stride;
+    const int32_t kj = k[j];
+    for (int i = 0; i < len; ++i) acc[i] += (int32_t)row[i] * kj;
+  }
+  for (int i = 0; i < len; ++i) dst[i] = clip8(acc[i]);
+}
+
+std::vector<int32_t> expand_x4(const AxisPlan& p) {
+  std::vector<int32_t> k4(p.k.size() * 4);
+  for (size_t i = 0; i < p.k.size(); ++i)
+    for (int c = 0; c < 4; ++c) k4[i * 4 + c] = c < 3 ? p.k[i] : 0;
+  return k4;
+}
+
+template <typename out_t>
+void run_frames(const uint8_t* rgb, const uint8_t* y, const uint8_t* u, const uint8_t* v, int T,
+                int H, int W, const YuvCoeffs& yc, const Geometry& g, const float (*lut)[256],
+                out_t* out) {
+  const FramePlans fp = make_frame_plans(H, W, g, /*ksize_multiple=*/2);
+  const std::vector<int32_t> k4_h1 = expand_x4(fp.h1), k4_h2 = expand_x4(fp.h2);
+  const int cw = (W + 1) / 2, ch = (H + 1) / 2;
+  // source columns read by the first horizontal pass, and the zero padding its taps may run into
+  const int q0 = fp.h1.in_start, qn = fp.h1.in_len;
+  const int arows = fp.v1.in_len, acols = fp.h1.n;   // first horizontal pass output
+  const int brows = fp.v1.n, bcols = fp.h2.in_len;   // first crop, as read by the second resize
+  const int crows = fp.v2.in_len, ccols = fp.h2.n;   // second horizontal pass output
+  const int S = g.out;
+
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<uint8_t> src_row((size_t)(qn + fp.h1.ksize) * 4, 0);
+    std::vector<uint8_t> a((size_t)arows * acols * 4);
+    std::vector<uint8_t> b((size_t)brows * (bcols + fp.h2.ksize) * 4, 0);
+    std::vector<uint8_t> c((size_t)crows * ccols * 4);
+    std::vector<uint8_t> d((size_t)S * 4);
+    std::vector<int32_t> acc((size_t)std::max(acols, std::max(ccols, S)) * 4);
+    const size_t bstride = (size_t)(bcols + fp.h2.ksize) * 4;
+    for (int64_t t = t0; t < t1; ++t) {
+      // 1. source rows -> RGBX -> first horizontal pass
+      for (int r = 0; r < arows; ++r) {
+        const int sy = fp.v1.in_start + r;
+        uint8_t* dst = src_row.data();
+        if (rgb != nullptr) {
+          const uint8_t* s = rgb + (((size_t)t * H + sy) * W + q0) * 3;
+          for (int x = 0; x < qn; ++x) {
+            dst[x * 4 + 0] = s[x * 3 + 0];
+            dst[x * 4 + 1] = s[x * 3 + 1];
+            dst[x * 4 + 2] = s[x * 3 + 2];
+          }
+        } else {
+          const uint8_t* ys = y + ((size_t)t * H + sy) * W;
+          const uint8_t* us = u + ((size_t)t * ch + sy / 2) * cw;
+          const uint8_t* vs = v + ((size_t)t * ch + sy / 2) * cw;
+          for (int x = 0; x < qn; ++x) {
+            const int sx = q0 + x;
+            yuv_to_rgb(yc, ys[sx], us[sx / 2], vs[sx / 2], &dst[x * 4], &dst[x * 4 + 1],
+                       &dst[x * 4 + 2]);
+          }
+        }
+        hpass_row(src_row.data(), fp.h1.xmin.data(), k4_h1.data(), acols, fp.h1.ksize,
+                  a.data() + (size_t)r * acols * 4);
+      }
+      // 2. first vertical pass -> the rows/columns of the first crop that the second resize reads
+      for (int r = 0; r < brows; ++r) {
+        vpass_row(a.data() + (size_t)fp.v1.xmin[r] * acols * 4, (size_t)acols * 4,
+                  fp.v1.k.data() + (size_t)r * fp.v1.ksize, fp.v1.count[r], acols * 4, acc.data(),
+                  b.data() + r * bstride);
+      }
+      // 3. second horizontal pass (center-crop columns only)
+      for (int r = 0; r < crows; ++r) {
+        hpass_row(b.data() + (size_t)r * bstride, fp.h2.xmin.data(),
+                  k4_h2.data(), ccols, fp.h2.ksize, c.data() + (size_t)r * ccols * 4);
+      }
+      // 4. second vertical pass, rescale + normalize, HWC -> CHW
+      out_t* o = out + (size_t)t * 3 * S * S;
+      for (int r = 0; r < S; ++r) {
+        vpass_row(c.data() + (size_t)fp.v2.xmin[r] * ccols * 4, (size_t)ccols * 4,
+                  fp.v2.k.data() + (size_t)r * fp.v2.ksize, fp.v2.count[r], S * 4, acc.data(),
+                  d.data());
+        for (int ch3 = 0; ch3 < 3; ++ch3) {
+          out_t* orow = o + ((size_t)ch3 * S + r) * S;
+          const float* l = lut[ch3];
+          for (int x = 0; x < S; ++x) orow[x] = static_cast<out_t>(l[d[x * 4 + ch3]]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor frames_to_tensor_cpu(const at::Tensor& frames, const c10::optional<at::Tensor>& u,
+                                const c10::optional<at::Tensor>& v, int64_t matrix,
+                                bool full_range, at::IntArrayRef geometry,
+                                at::ArrayRef<double> mean, at::ArrayRef<double> std,
+                                at::ScalarType dtype) {
+  bool yuv = false;
+  const Geometry g = check_frames_args(frames, u, v, matrix, geometry, mean, std, dtype, &yuv);
+  TORCH_CHECK(frames.device().is_cpu(), "frames_to_tensor_cpu: frames must be on the CPU, got ",
+              frames.device());
+  const auto fr = frames.contiguous();
+  at::Tensor uc, vc;
+  if (yuv) {
+    uc = u->contiguous();
+    vc = v->contiguous();
+  }
+  const int T = (int)fr.size(0), H = (int)fr.size(1), W = (int)fr.size(2);
+  float lut[3][256];
+  for (int c = 0; c < 3; ++c)
+    for (int p = 0; p < 256; ++p) lut[c][p] = normalize_u8((uint8_t)p, (float)mean[c], (float)std[c]);
+  const YuvCoeffs yc = yuv_coeffs((int)matrix, full_range);
+  auto out = at::empty({T, 3, g.out, g.out}, fr.options().dtype(dtype));
+  const uint8_t* rgb = yuv ? nullptr : fr.data_ptr<uint8_t>();
+  const uint8_t* yp = yuv ? fr.data_ptr<uint8_t>() : nullptr;
+  const uint8_t* up = yuv ? uc.data_ptr<uint8_t>() : nullptr;
+  const uint8_t* vp = yuv ? vc.data_ptr<uint8_t>() : nullptr;
+  if (dtype == at::kFloat) {
+    run_frames<float>(rgb, yp, up, vp, T, H, W, yc, g, lut, out.data_ptr<float>());
+  } else if (dtype == at::kHalf) {
+    run_frames<c10::Half>(rgb, yp, up, vp, T, H, W, yc, g, lut, out.data_ptr<c10::Half>());
+  } else {
+    run_frames<c10::BFloat16>(rgb, yp, up, vp, T, H, W, yc, g, lut,
+                              out.data_ptr<c10::BFloat16>());
+  }
+  return out;
+}
+
+}  // namespace pllava_fast
