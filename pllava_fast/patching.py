@@ -5,7 +5,8 @@
 
 * the fast projector: linear_1 -> fused (activation + adaptive 3-D average pool) -> linear_2,
   sharing the model's own weights (no copy);
-* the attention backend ("auto": flash-attn when installed on CUDA, else torch SDPA);
+* the attention backend (``pllava_fast.attention``; "auto": flash-attn when usable on CUDA, else
+  torch SDPA; it also reads quantized KV caches);
 * the KV-cache format: "bf16" keeps transformers' DynamicCache (answers unchanged), "int8" / "int4"
   make every ``generate()`` call that passes no cache use ``pllava_fast.kv_cache``'s quantized one.
 
@@ -51,21 +52,21 @@ def _is_pllava(model) -> bool:
     return isinstance(model, PllavaForConditionalGeneration)
 
 
-def resolve_attention(attention: str | None, device) -> str | None:
-    """"auto" -> "flash_attention_2" when flash-attn is importable and the model is on CUDA, else
-    "sdpa"; None leaves the model's choice alone."""
+def resolve_attention(attention: str | None) -> str | None:
+    """The attention implementation name to install in the language model.
+
+    "auto" / "sdpa" / "flash_attention_2" -> pllava-fast's registered attention (per call: flash-attn
+    when usable on CUDA, else torch SDPA; "sdpa" / "flash_attention_2" force one), which also reads
+    quantized KV caches; "eager" -> transformers' eager attention; None -> leave it.
+    """
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
-    if attention != "auto":
+    if attention in (None, "eager"):
         return attention
-    if torch.device(device).type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
+    from .attention import ATTENTION_NAMES, register
 
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
+    register()
+    return ATTENTION_NAMES[{"auto": "auto", "sdpa": "sdpa", "flash_attention_2": "flash"}[attention]]
 
 
 class VideoPoolingProjector(nn.Module):
@@ -145,8 +146,7 @@ def patch(model, *, pooling: bool = True, kv_cache: str = "bf16", attention: str
                 _llava_video_mode(model, state, pooling_shape, num_frames)
         else:
             _pllava_pooling(model, state, pooling_shape, num_frames)
-        device = next(model.parameters()).device
-        _set_attention(model, state, resolve_attention(attention, device))
+        _set_attention(model, state, resolve_attention(attention), kv_cache)
         if kv_cache != "bf16":
             _install_cache(model, kv_cache)
         state["kv_cache"] = kv_cache
@@ -215,23 +215,30 @@ def _llava_video_mode(model, state, pooling_shape, num_frames):
     model.build_video_inputs = functools.partial(build_video_inputs, model)
 
 
-def _apply_attention(model, name):
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-    else:  # a model without transformers' setter: the LM reads its config at every forward
-        model.language_model.config._attn_implementation = name
+def _language_model(model):
+    if _is_hf_llava(model):
+        return model.model.language_model  # the text model (transformers 5 has no shortcut)
+    return model.language_model
 
 
 def _current_attention(model):
-    lm = getattr(model, "language_model", None) or model
-    return getattr(lm.config, "_attn_implementation", None)
+    return getattr(_language_model(model).config, "_attn_implementation", None)
 
 
-def _set_attention(model, state, name):
-    if name is None:
-        return
+def _apply_attention(model, name):
+    lm = _language_model(model)
+    if hasattr(lm, "set_attn_implementation"):
+        lm.set_attn_implementation(name)
+    else:  # the LM reads its config at every forward
+        lm.config._attn_implementation = name
+
+
+def _set_attention(model, state, name, kv_cache):
     previous = _current_attention(model)
-    if previous == name:
+    if kv_cache != "bf16" and not str(name or previous).startswith("pllava_fast"):
+        raise ValueError(f"kv_cache={kv_cache!r} needs pllava-fast attention (attention='auto', "
+                         f"'sdpa' or 'flash_attention_2'), got attention={name or previous!r}")
+    if name is None or previous == name:
         return
     try:
         _apply_attention(model, name)
@@ -243,13 +250,15 @@ def _set_attention(model, state, name):
 def _install_cache(model, kind):
     """Make generate() calls that pass no cache use a quantized KV cache of ``kind``."""
     from .kv_cache import make_cache
+    from .pipeline import generate_cache_kwarg
 
     original = model.generate
+    keyword = generate_cache_kwarg(model)
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
         if kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
-            kwargs["past_key_values"] = make_cache(kind, config=model.config)
+            kwargs[keyword] = make_cache(kind, config=model.config)
         return original(*args, **kwargs)
 
     model.generate = generate
@@ -306,7 +315,7 @@ def build_video_inputs(model, tokenizer, videos, prompts, *, device=None, dtype=
         else:
             from .preprocess import frames_to_pixel_values
 
-            values = frames_to_pixel_values(video, device=device, dtype=dtype, size=vcfg.image_size)
+            values = frames_to_pixel_values(video, device=device, dtype=dtype, image_size=vcfg.image_size)
         pixels.append(_repeat_short_clip(values, projector.num_frames))
     image_token = config.image_token_id if hasattr(config, "image_token_id") else config.image_token_index
     ids = []

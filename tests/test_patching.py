@@ -117,7 +117,7 @@ def test_unpatch_restores_the_llava(tokenizer):
     pllava_fast.patch(model, attention="sdpa", num_frames=2)
     assert isinstance(model.model.multi_modal_projector, patching.VideoPoolingProjector)
     assert model.model.multi_modal_projector.linear_1 is projector.linear_1  # shared weights
-    assert model.config.text_config._attn_implementation == "sdpa"
+    assert model.config.text_config._attn_implementation == "pllava_fast_sdpa"
     assert patching.is_patched(model)
     pllava_fast.patch(model, num_frames=4)  # patching again replaces the first patch
     assert model.model.multi_modal_projector.num_frames == 4
@@ -163,13 +163,15 @@ def test_pllava_patched_bf16_cache_same_tokens_and_logits(tiny):
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            ref_logits = model(**inputs).logits
+            ref_out = model(**inputs)
             ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)
         pllava_fast.patch(model, kv_cache="bf16", attention="sdpa")
         with torch.no_grad():
-            logits = model(**inputs).logits
+            out = model(**inputs)
             got = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-        torch.testing.assert_close(logits, ref_logits, rtol=1e-4,
+        valid = ref_out.attention_mask.bool()  # left-padding slots hold no meaningful logits
+        ref_logits = ref_out.logits[valid]
+        torch.testing.assert_close(out.logits[valid], ref_logits, rtol=1e-4,
                                    atol=1e-5 * ref_logits.abs().max())
         assert torch.equal(got, ref)
     finally:
@@ -192,3 +194,30 @@ def test_pllava_pooling_shape_override_and_unpatch(tiny):
     assert model.multi_modal_projector.pooling_shape == (4, 2, 2)
     with torch.no_grad():
         assert model.get_video_features(inputs["pixel_values"]).shape[1] == 16
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_cache_is_installed_in_generate(tiny, tokenizer, kind):
+    from pllava_fast.kv_cache import QuantizedKVCache
+
+    model, tok = tiny
+    inputs = _pllava_inputs(model, tok, videos=1)
+    pllava_fast.patch(model, kv_cache=kind)
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False,
+                                 return_dict_in_generate=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        assert isinstance(cache, QuantizedKVCache) and cache.bits == int(kind[3:])
+    finally:
+        pllava_fast.unpatch(model)
+    assert "generate" not in vars(model)
+    llava = _tiny_llava(tokenizer)
+    pllava_fast.patch(llava, kv_cache=kind, num_frames=2, pooling_shape=(1, 2, 2))
+    inputs = llava.build_video_inputs(tokenizer, [random_pixel_values(2, llava.config)],
+                                      "USER: <image> Hi ASSISTANT:")
+    with torch.no_grad():
+        out = llava.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+    with pytest.raises(ValueError, match="needs pllava-fast attention"):
+        pllava_fast.patch(llava, kv_cache=kind, attention="eager")
