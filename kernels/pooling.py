@@ -50,22 +50,24 @@ def _activate(x, ACT: tl.constexpr):
 
 @triton.jit
 def _accumulate_window_token(
-    x_ptr, scratch_ptr, acc, dt, dh, dw,
-    b, ti, hi, wi, t0, h0, w0, nt, nh, nw, row_mask, cols, c_mask, pid_c, n_tokens,
-    T, H, W, C, PT, PH, PW, ACT: tl.constexpr, NORMS: tl.constexpr,
+    x_ptr, scratch_ptr, acc, k, base, t0, h0, w0, nt, nh, nw, ti, hi, wi, row_mask, cols, c_mask,
+    pid_c, n_tokens, T, H, W, C, PT, PH, PW,
+    KH: tl.constexpr, KW: tl.constexpr, ACT: tl.constexpr, NORMS: tl.constexpr,
 ):
-    """Add the activated token at offset (dt, dh, dw) of each row's window to acc (BLOCK_M, BLOCK_C)."""
-    t = t0 + dt
-    h = h0 + dh
-    w = w0 + dw
+    """Add the activated token k (flat index into the KT x KH x KW max window) of every row's
+    window to acc (BLOCK_M, BLOCK_C); when NORMS, store its partial sum of squares if owned."""
+    dt = k // (KH * KW)
+    dh = (k // KW) % KH
+    dw = k % KW
     valid = row_mask & (dt < nt) & (dh < nh) & (dw < nw)
-    token = ((b * T + t) * (H * W) + h * W + w).to(tl.int64)
+    token = base + (dt * (H * W) + dh * W + dw)
     v = tl.load(x_ptr + token[:, None] * C + cols[None, :],
                 mask=valid[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
     y = _activate(v, ACT)
     acc += y
     if NORMS:
-        owner = ((t * PT) // T == ti) & ((h * PH) // H == hi) & ((w * PW) // W == wi)
+        owner = (((t0 + dt) * PT) // T == ti) & (((h0 + dh) * PH) // H == hi) \
+            & (((w0 + dw) * PW) // W == wi)
         tl.store(scratch_ptr + pid_c * n_tokens + token, tl.sum(y * y, axis=1), mask=valid & owner)
     return acc
 
@@ -97,24 +99,20 @@ def _pool_visual_tokens_kernel(
     nt = ((ti + 1) * T + PT - 1) // PT - t0
     nh = ((hi + 1) * H + PH - 1) // PH - h0
     nw = ((wi + 1) * W + PW - 1) // PW - w0
+    base = ((b * T + t0) * (H * W) + h0 * W + w0).to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    # small windows unroll fully so all their loads are in flight at once; large ones loop
     if UNROLL:
-        for dt in tl.static_range(KT):
-            for dh in tl.static_range(KH):
-                for dw in tl.static_range(KW):
-                    acc = _accumulate_window_token(
-                        x_ptr, scratch_ptr, acc, dt, dh, dw, b, ti, hi, wi, t0, h0, w0,
-                        nt, nh, nw, row_mask, cols, c_mask, pid_c, n_tokens,
-                        T, H, W, C, PT, PH, PW, ACT, NORMS)
+        for k in tl.static_range(KT * KH * KW):
+            acc = _accumulate_window_token(
+                x_ptr, scratch_ptr, acc, k, base, t0, h0, w0, nt, nh, nw, ti, hi, wi, row_mask,
+                cols, c_mask, pid_c, n_tokens, T, H, W, C, PT, PH, PW, KH, KW, ACT, NORMS)
     else:
-        for dt in range(KT):
-            for dh in range(KH):
-                for dw in range(KW):
-                    acc = _accumulate_window_token(
-                        x_ptr, scratch_ptr, acc, dt, dh, dw, b, ti, hi, wi, t0, h0, w0,
-                        nt, nh, nw, row_mask, cols, c_mask, pid_c, n_tokens,
-                        T, H, W, C, PT, PH, PW, ACT, NORMS)
+        for k in range(KT * KH * KW):
+            acc = _accumulate_window_token(
+                x_ptr, scratch_ptr, acc, k, base, t0, h0, w0, nt, nh, nw, ti, hi, wi, row_mask,
+                cols, c_mask, pid_c, n_tokens, T, H, W, C, PT, PH, PW, KH, KW, ACT, NORMS)
 
     count = (nt * nh * nw).to(tl.float32)
     pooled = acc / count[:, None]
@@ -174,8 +172,9 @@ def _pool_visual_tokens(
     n_tokens = bt * hw
     tuned = x.is_cuda and block_m is None and block_c is None
     if not tuned:
+        # the interpreter's cost is per op, not per element: few programs with large tiles
         block_c = block_c or min(triton.next_power_of_2(c), 1024)
-        block_m = block_m or max(1, min(64, 8192 // block_c))
+        block_m = block_m or min(triton.next_power_of_2(m), max(1, 32768 // block_c))
     n_parts = triton.cdiv(c, _MIN_BLOCK_C if tuned else block_c)
     # partial sums of squares per C block; blocks a launch does not use stay zero
     scratch = (torch.zeros((n_parts, n_tokens), device=x.device, dtype=torch.float32)
