@@ -30,7 +30,8 @@ def _figure(figsize):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize, dpi=DPI, layout="constrained")
+    # hand-placed axes: constrained layout costs seconds on a 32-panel strip
+    fig = Figure(figsize=figsize, dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
 
@@ -50,14 +51,17 @@ def pixel_size(figsize) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # Per-frame heatmaps, laid out as a frame strip
 # ---------------------------------------------------------------------------------------------
+_PANEL_IN = 0.9 * _CELL_IN   # square panel; the rest of a column is the gap to the next one
+_TITLE_IN = 0.25             # a panel title above a row
+_GAP_IN = 0.05
+
+
 def heatmap_figsize(num_frames: int, with_frames: bool = False) -> tuple[float, float]:
     """Figure size (inches) of :func:`plot_heatmaps` for a clip of ``num_frames`` frames."""
     cols = min(num_frames, HEATMAP_COLS)
     strips = math.ceil(num_frames / HEATMAP_COLS)
-    # square panels come out ~0.9 _CELL_IN wide (colorbar, padding); a titled row needs ~0.3 in
-    side = 0.9 * _CELL_IN
-    row_h = 2 * side + 0.35 if with_frames else side + 0.3
-    return cols * _CELL_IN + 1.2, strips * row_h + 0.6
+    strip_h = _TITLE_IN + (2 if with_frames else 1) * (_PANEL_IN + _GAP_IN)
+    return cols * _CELL_IN + 1.3, strips * strip_h + 0.5
 
 
 def plot_heatmaps(
@@ -69,6 +73,8 @@ def plot_heatmaps(
     frame_labels: Sequence[str] | None = None,
 ) -> tuple[int, int]:
     """Per-frame token-norm heatmaps (log colour scale shared by all frames), top tokens circled.
+
+    Frames run left to right, ``HEATMAP_COLS`` per strip, strips top to bottom.
 
     Args:
         grid: (T, H, W) token norms.
@@ -85,12 +91,13 @@ def plot_heatmaps(
     grid = np.asarray(grid, dtype=np.float64)
     t_len, h, w = grid.shape
     with_frames = frames is not None
-    fig = _figure(heatmap_figsize(t_len, with_frames))
-    fig.suptitle(title, fontsize=12)
-    cols = min(t_len, HEATMAP_COLS)
-    strips = math.ceil(t_len / HEATMAP_COLS)
-    rows_per_strip = 2 if with_frames else 1
-    axes = fig.subplots(strips * rows_per_strip, cols, squeeze=False)
+    fig_w, fig_h = heatmap_figsize(t_len, with_frames)
+    fig = _figure((fig_w, fig_h))
+    fig.suptitle(title, fontsize=12, y=1 - 0.12 / fig_h, va="top")
+
+    def add_axes(x_in, y_in, w_in, h_in):
+        return fig.add_axes((x_in / fig_w, y_in / fig_h, w_in / fig_w, h_in / fig_h))
+
     positive = grid[grid > 0]
     vmax = float(grid.max()) if grid.size else 1.0
     vmin = float(positive.min()) if positive.size else vmax / 10
@@ -100,31 +107,53 @@ def plot_heatmaps(
     by_frame: dict[int, list[tuple[int, Mapping]]] = {}
     for rank, tok in enumerate(top_tokens, 1):
         by_frame.setdefault(int(tok["frame"]), []).append((rank, tok))
+    radius = max(0.45, max(h, w) / 20)
     image = None
-    for ax in axes.flat:
-        ax.set_axis_off()
+    top_y = fig_h - 0.45
+    strip_h = _TITLE_IN + (2 if with_frames else 1) * (_PANEL_IN + _GAP_IN)
     for t in range(t_len):
         strip, col = divmod(t, HEATMAP_COLS)
+        x = 0.1 + col * _CELL_IN
+        y = top_y - strip * strip_h - _TITLE_IN - _PANEL_IN
         label = frame_labels[t] if frame_labels is not None else f"frame {t}"
+        targets = []
         if with_frames:
-            ax_img = axes[strip * 2, col]
+            ax_img = add_axes(x, y, _PANEL_IN, _PANEL_IN)
             ax_img.imshow(frames[t], extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
             ax_img.set_title(label, fontsize=8)
-        ax = axes[strip * rows_per_strip + rows_per_strip - 1, col]
+            targets.append(ax_img)
+            y -= _PANEL_IN + _GAP_IN
+        ax = add_axes(x, y, _PANEL_IN, _PANEL_IN)
         image = ax.imshow(np.clip(grid[t], vmin, None), cmap="magma", norm=norm,
                           interpolation="nearest")
         if not with_frames:
             ax.set_title(label, fontsize=8)
-        for rank, tok in by_frame.get(t, []):
-            r, c = int(tok["row"]), int(tok["col"])
-            for target in ([ax_img, ax] if with_frames else [ax]):
-                target.add_patch(_circle((c, r), max(0.45, max(h, w) / 20)))
-                target.annotate(str(rank), (c, r), xytext=(3, 3), textcoords="offset points",
+        targets.append(ax)
+        for target in targets:
+            target.set_axis_off()
+            for rank, tok in by_frame.get(t, []):
+                r, c = int(tok["row"]), int(tok["col"])
+                target.add_patch(_circle((c, r), radius))
+                target.annotate(str(rank), (c, r), xytext=(4, 4), textcoords="offset points",
                                 color="cyan", fontsize=7, fontweight="bold")
     if image is not None:
-        cbar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, pad=0.01)
+        bottom = top_y - math.ceil(t_len / HEATMAP_COLS) * strip_h
+        cax = add_axes(0.1 + min(t_len, HEATMAP_COLS) * _CELL_IN + 0.1, bottom + _GAP_IN, 0.18,
+                       top_y - _TITLE_IN - bottom - _GAP_IN)
+        cbar = fig.colorbar(image, cax=cax)
+        _plain_log_ticks(cbar.ax.yaxis, vmin, vmax)
+        cbar.ax.tick_params(which="both", labelsize=7)
         cbar.set_label("token L2 norm (log scale)")
     return _save(fig, path)
+
+
+def _plain_log_ticks(axis, lo: float, hi: float) -> None:
+    """Plain numbers (0.5, 20, 300) on a log axis; minor ticks labelled only when the range spans
+    less than a decade (it then has at most one major tick)."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    axis.set_major_formatter(FormatStrFormatter("%.3g"))
+    axis.set_minor_formatter(FormatStrFormatter("%.3g") if hi < 10 * lo else NullFormatter())
 
 
 def _circle(center, radius):
@@ -148,6 +177,7 @@ def plot_histogram(path, norms: Mapping[str, np.ndarray], k: float) -> tuple[int
     """
     fig = _figure(HISTOGRAM_FIGSIZE)
     ax_v, ax_p = fig.subplots(1, 2)
+    fig.subplots_adjust(left=0.065, right=0.985, bottom=0.11, top=0.93, wspace=0.2)
     _hist_panel(ax_v, {p: norms[p] for p in ("vision",) if p in norms}, k,
                 "vision feature layer output")
     _hist_panel(ax_p, {p: norms[p] for p in ("projector", "pooled") if p in norms}, k,
@@ -177,6 +207,11 @@ def _hist_panel(ax, series: Mapping[str, np.ndarray], k: float, title: str) -> N
         ax.axvline(k * med, color=color, linestyle=":", linewidth=1.2)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    x_lo, x_hi = ax.get_xlim()
+    _plain_log_ticks(ax.xaxis, x_lo, x_hi)
+    y_lo, y_hi = ax.get_ylim()
+    _plain_log_ticks(ax.yaxis, y_lo, y_hi)
+    ax.tick_params(which="minor", labelsize=7)
     ax.set_xlabel("token L2 norm (log)")
     ax.set_ylabel("fraction of tokens (log)")
     ax.plot([], [], color="gray", linestyle="--", label="median")
@@ -201,6 +236,7 @@ def plot_curves(path, per_frame: Mapping[str, Mapping[str, Sequence[float]]]) ->
     """
     fig = _figure(CURVES_FIGSIZE)
     ax_n, ax_d = fig.subplots(2, 1, sharex=True)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.08, top=0.95, hspace=0.18)
     for name, series in per_frame.items():
         color = _COLORS.get(name)
         label = POINT_LABELS.get(name, name)
@@ -211,6 +247,8 @@ def plot_curves(path, per_frame: Mapping[str, Mapping[str, Sequence[float]]]) ->
         dom = [np.nan if d is None else d for d in series["dominance"]]
         ax_d.plot(x, dom, "-o", color=color, markersize=3, label=label)
     ax_n.set_yscale("log")
+    _plain_log_ticks(ax_n.yaxis, *ax_n.get_ylim())
+    ax_n.tick_params(which="minor", labelsize=7)
     ax_n.set_ylabel("token L2 norm (log)")
     ax_n.set_title("per-frame max and median token norm", fontsize=11)
     ax_n.legend(fontsize=7, ncol=3, loc="best")

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .preprocess import frames_to_pixel_values
 
 POINTS = ("vision", "projector", "pooled")
 SCHEMA = "pllava-fast/profile-report"
@@ -48,17 +49,18 @@ def _ratio(num: float, den: float) -> float | None:
 
 
 def _row_stats(x: Tensor, k: float) -> dict[str, Tensor]:
-    """Statistics of each row of x (R, n) fp64 -> dict of (R,) tensors."""
+    """Statistics of each row of x (R, n) fp32 norms -> dict of (R,) tensors. Mean, max and the
+    count above k x median come from the norm-statistics op (one Triton pass on CUDA)."""
     med = torch.quantile(x, 0.5, dim=1)
-    above = x > k * med[:, None]
+    st = ops.norm_stats(x, k * med)
     return {
-        "mean": x.mean(dim=1),
+        "mean": st.mean,
         "median": med,
-        "std": x.std(dim=1, correction=0),
+        "std": x.double().std(dim=1, correction=0),
         "min": x.amin(dim=1),
-        "max": x.amax(dim=1),
-        "count_above_k": above.sum(dim=1),
-        "fraction_above_k": above.double().mean(dim=1),
+        "max": st.max,
+        "count_above_k": st.count_above,
+        "fraction_above_k": st.count_above.double() / x.shape[1],
     }
 
 
@@ -98,13 +100,14 @@ def grid_statistics(norms: Tensor, k: float = 5.0, top: int = 10,
         raise ValueError(f"k must be positive, got {k}")
     if int(top) < 0:
         raise ValueError(f"top must be >= 0, got {top}")
-    g = norms.detach().to("cpu", torch.float64)
+    g = norms.detach().float()
     t_len, h, w = g.shape
     overall = _row_dict(_row_stats(g.reshape(1, -1), k), 0)
     per_frame_stats = _row_stats(g.reshape(t_len, -1), k)
     per_frame = [{"frame": t, **_row_dict(per_frame_stats, t)} for t in range(t_len)]
     flat = g.reshape(-1)
-    order = torch.sort(flat, descending=True, stable=True).indices[: int(top)]
+    order = torch.sort(flat, descending=True, stable=True).indices[: int(top)].cpu()
+    flat = flat.cpu()
     windows = None
     if source_grid is not None:
         windows = [pool_windows(int(i), int(o)) for i, o in zip(source_grid, (t_len, h, w))]
@@ -267,14 +270,12 @@ def _expand_sources(videos) -> list:
 
 def _read_frames(source, num_frames: int):
     """A path / DecodedVideo / (T, H, W, 3) uint8 frames -> (decoded input, info dict)."""
-    try:
-        from .video import read_video
-    except ImportError:
-        read_video = None
+    from .video import read_video
+
     if isinstance(source, (str, os.PathLike)):
         path = str(source)
         try:
-            video = read_video(path, num_frames) if read_video else _pyav_read_fallback(path, num_frames)
+            video = read_video(path, num_frames)
         except (FileNotFoundError, PermissionError):
             raise
         except Exception as exc:  # decoder errors come in many types; name the file
@@ -295,57 +296,6 @@ def _read_frames(source, num_frames: int):
                 "width": int(video.shape[2])}
     info["num_frames_sampled"] = len(info["frame_indices"])
     return video, info
-
-
-def _pixel_values(video, image_size: int) -> Tensor:
-    """Model input (T, 3, S, S) float32 of decoded frames."""
-    try:
-        from .preprocess import frames_to_pixel_values
-    except ImportError:
-        return _torch_preprocess_fallback(video, image_size)
-    return frames_to_pixel_values(video)
-
-
-def _pyav_read_fallback(path: str, num_frames: int):
-    """Plain PyAV decode of ``num_frames`` evenly spaced frames, as (T, H, W, 3) uint8 (used only
-    while ``pllava_fast.video.read_video`` is unavailable)."""
-    import av
-    import numpy as np
-
-    from .video import DecodedVideo, sample_indices
-
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise ValueError("no video stream")
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    if not frames:
-        raise ValueError("no decodable frames")
-    idx = sample_indices(len(frames), num_frames)
-    rgb = torch.from_numpy(np.stack([frames[i] for i in idx]))
-    return DecodedVideo(source=path, indices=idx, fps=None, num_frames_total=len(frames),
-                        pixel_format="rgb24", rgb=rgb)
-
-
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def _torch_preprocess_fallback(video, image_size: int) -> Tensor:
-    """Bicubic shortest-edge resize + centre crop + CLIP normalisation of (T, H, W, 3) uint8 (used
-    only while ``pllava_fast.preprocess`` is unavailable)."""
-    import torch.nn.functional as F
-
-    frames = video.rgb if hasattr(video, "rgb") and video.rgb is not None else torch.as_tensor(video)
-    x = frames.permute(0, 3, 1, 2).float()
-    h, w = x.shape[-2:]
-    scale = image_size / min(h, w)
-    size = (max(image_size, round(h * scale)), max(image_size, round(w * scale)))
-    x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-    top, left = (size[0] - image_size) // 2, (size[1] - image_size) // 2
-    x = x[..., top:top + image_size, left:left + image_size].clamp(0, 255) / 255
-    mean = torch.tensor(_CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(_CLIP_STD).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
 
 
 def _thumbnails(pixel_values: Tensor) -> Tensor:
@@ -602,12 +552,12 @@ def profile_video(model, video, *, out_dir=None, num_frames: int | None = None, 
     timing = {}
     t0 = time.perf_counter()
     decoded, info = _read_frames(source, num_frames)
-    image_size = int(model.config.vision_config.image_size)
-    pixel_values = _pixel_values(decoded, image_size)
-    timing["decode_preprocess"] = time.perf_counter() - t0
     device, dtype = _model_device_dtype(model)
+    pixel_values = frames_to_pixel_values(
+        decoded, device=device, dtype=dtype, image_size=int(model.config.vision_config.image_size))
+    timing["decode_preprocess"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    (norms,) = capture_token_norms(model, pixel_values.to(device, dtype), [pixel_values.shape[0]])
+    (norms,) = capture_token_norms(model, pixel_values, [pixel_values.shape[0]])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     timing["capture"] = time.perf_counter() - t0
@@ -741,8 +691,9 @@ def _load_model(args):
             raise FileNotFoundError(f"model directory not found: {args.model}")
         from .model import PllavaForConditionalGeneration
 
-        model = PllavaForConditionalGeneration.from_pretrained(args.model, torch_dtype=dtype)
-        name = str(args.model)
+        model = PllavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype,
+                                                               device=device)
+        return model.eval(), str(args.model)
     return model.to(device=device, dtype=dtype).eval(), name
 
 
