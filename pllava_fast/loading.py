@@ -150,13 +150,17 @@ def _match_vision_layout(state: dict[str, Tensor], expected) -> dict[str, Tensor
 
 
 def load_into(model: torch.nn.Module, state: dict[str, Tensor], *, source: str = "checkpoint",
-              tied: Iterable[str] = ()) -> None:
+              tied: Iterable[str] = (), optional: Iterable[str] = ()) -> None:
     """Copy ``state`` (PLLaVA names) into ``model``; any missing, unexpected or misshapen tensor
-    raises CheckpointError listing all of them. ``tied``: names filled by weight tying."""
+    raises CheckpointError listing all of them. ``tied``: names filled by weight tying;
+    ``optional``: names no output depends on, zeroed when absent."""
     expected = model.state_dict()
     tied = set(tied)
+    optional = set(optional)
     state = _match_vision_layout(state, expected)
     state = {k: v for k, v in state.items() if not (_IGNORED.search(k) and k not in expected)}
+    for k in optional - set(state):
+        state[k] = torch.zeros_like(expected[k])
     missing = [k for k in expected if k not in state and k not in tied]
     unexpected = [k for k in state if k not in expected]
     mismatched = [f"{k} checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"

@@ -145,7 +145,8 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
             model = cls(config, attn_implementation=attn_implementation)
         tied = ({"language_model.lm_head.weight"}
                 if getattr(config.text_config, "tie_word_embeddings", False) else set())
-        load_into(model, state, source=f"checkpoint {path!r}", tied=tied)
+        load_into(model, state, source=f"checkpoint {path!r}", tied=tied,
+                  optional=model.unused_vision_weights())
         if tied:
             model.language_model.lm_head.weight = model.language_model.get_input_embeddings().weight
         if dtype is not None:
@@ -178,6 +179,16 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if not -(n_layers + 1) <= k <= n_layers:
             raise ValueError(f"vision_feature_layer {k} out of range for a {n_layers}-layer tower")
         return k % (n_layers + 1)  # hidden_states[0] is the embedding output
+
+    def unused_vision_weights(self) -> set[str]:
+        """Names of the vision weights no output depends on (layers after vision_feature_layer,
+        post_layernorm): a checkpoint may omit them."""
+        needed = self._vision_layers_needed()
+        prefix = "vision_tower." + ("vision_model." if hasattr(self.vision_tower, "vision_model") else "")
+        return {k for k in self.state_dict() if k.startswith(prefix) and (
+            k.startswith(prefix + "post_layernorm.") or any(
+                k.startswith(f"{prefix}encoder.layers.{i}.")
+                for i in range(needed, len(self.vision_model.encoder.layers))))}
 
     def vision_features(self, pixel_values: Tensor) -> Tensor:
         """(N_frames, 3, S, S) -> (N_frames, H*W, D_vision): CLIP run only up to
@@ -301,6 +312,7 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         past_key_values=None,
         inputs_embeds: Tensor | None = None,
         frames_per_video: Sequence[int] | None = None,
+        media_type: str | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | Tensor = 0,
         labels: Tensor | None = None,
@@ -311,7 +323,9 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         input_ids (B, L) with one image token per video; pixel_values (sum frames, 3, S, S),
         frame-major per video; ``frames_per_video`` when videos have different frame counts. In
         decode steps ``attention_mask`` covers the cached (expanded) sequence plus the new tokens.
-        ``cache`` / ``past_key_values``: a transformers Cache, passed to the LM.
+        ``cache`` / ``past_key_values``: a transformers Cache, passed to the LM. ``media_type``
+        ("video" | "image", as PLLaVA's forward): "image" makes every frame its own video.
+        pixel_values may also be (B, T, 3, S, S), B videos of T frames.
         """
         if labels is not None:
             raise ValueError("labels are not supported: pllava-fast is an inference package")
@@ -322,6 +336,8 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
             if pixel_values is not None:
+                pixel_values, frames_per_video = self._video_layout(
+                    pixel_values, frames_per_video, media_type)
                 video_embeds = self.get_video_features(pixel_values, frames_per_video)
                 inputs_embeds, attention_mask, position_ids = self.merge_visual_tokens(
                     input_ids, attention_mask, video_embeds)
@@ -345,6 +361,18 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
             use_cache=use_cache, logits_to_keep=logits_to_keep, **lm_kwargs)
         return PllavaCausalLMOutput(**dict(out.items()), attention_mask=merged_mask)
 
+    @staticmethod
+    def _video_layout(pixel_values: Tensor, frames_per_video, media_type):
+        if media_type not in (None, "video", "image"):
+            raise ValueError(f"media_type must be 'video' or 'image', got {media_type!r}")
+        if pixel_values.dim() == 5:
+            b, t = pixel_values.shape[:2]
+            pixel_values = pixel_values.flatten(0, 1)
+            frames_per_video = frames_per_video or [t] * b
+        if media_type == "image" and frames_per_video is None:
+            frames_per_video = [1] * pixel_values.shape[0]
+        return pixel_values, frames_per_video
+
     # ------------------------------------------------------------------ generate hooks
     def prepare_inputs_for_generation(self, *args, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
@@ -367,6 +395,8 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         pixel_values = model_kwargs.pop("pixel_values", None)
         frames_per_video = model_kwargs.pop("frames_per_video", None)
         if expand_size > 1 and pixel_values is not None and input_ids is not None:
+            pixel_values, frames_per_video = self._video_layout(
+                pixel_values, frames_per_video, model_kwargs.get("media_type"))
             counts = self.split_frames(pixel_values.shape[0], frames_per_video)
             videos = list(torch.split(pixel_values, counts))
             per_row = (input_ids == self.config.image_token_index).sum(-1).tolist()

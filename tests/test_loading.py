@@ -178,3 +178,18 @@ def test_config_defaults_and_overrides(tmp_path):
     assert model.config.num_frames == 8 and model.multi_modal_projector.pooling_shape == (2, 2, 2)
     with pytest.raises(ValueError, match="frame_shape"):
         PllavaConfig.from_pretrained(path, frame_shape=(24, 24))
+
+
+def test_unused_vision_weights_may_be_absent(tmp_path):
+    """Layers after vision_feature_layer and post_layernorm never reach an output."""
+    path = save_tiny_pllava(tmp_path, vision_layers=3, vision_feature_layer=-2)
+    full = PllavaForConditionalGeneration.from_pretrained(path)
+    _corrupt(path, lambda s: [s.pop(k) for k in list(s) if k.startswith(
+        ("vision_tower.vision_model.post_layernorm.", "vision_tower.vision_model.encoder.layers.2."))])
+    trimmed = PllavaForConditionalGeneration.from_pretrained(path)
+    pv = torch.randn(4, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(full.get_video_features(pv), trimmed.get_video_features(pv))
+    _corrupt(path, lambda s: s.pop("vision_tower.vision_model.encoder.layers.1.mlp.fc1.bias"))
+    with pytest.raises(CheckpointError, match="layers.1.mlp.fc1.bias"):
+        PllavaForConditionalGeneration.from_pretrained(path)

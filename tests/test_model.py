@@ -160,3 +160,19 @@ def test_bf16_close_to_fp32():
     assert low.dtype == torch.float32
     err = (low - ref).abs().max() / ref.abs().max()
     assert err < 0.05
+
+
+def test_media_type_and_5d_pixel_values():
+    model, tok = tiny_pllava()
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    pv = random_pixel_values(8, model.config)
+    with torch.no_grad():
+        flat = model(**enc, pixel_values=pv, media_type="video").logits
+        stacked = model(**enc, pixel_values=pv.view(2, 4, *pv.shape[1:])).logits
+        images = model(**enc, pixel_values=pv[[0, 4]], media_type="image").logits
+        repeated = model(**enc, pixel_values=pv[[0, 0, 0, 0, 4, 4, 4, 4]]).logits
+    assert torch.equal(flat, stacked)
+    torch.testing.assert_close(images, repeated, rtol=1e-5, atol=1e-5)
+    out = model.generate(**enc, pixel_values=pv.view(2, 4, *pv.shape[1:]), media_type="video",
+                         num_beams=2, max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == 2
