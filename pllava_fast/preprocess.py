@@ -137,12 +137,13 @@ def _resample(x: Tensor, plan, dim: int) -> Tensor:
     """One Pillow pass along ``dim`` of a uint8 (N, H, W, 3) tensor -> uint8."""
     _, _, index, k = plan
     index, k = index.to(x.device), k.to(device=x.device, dtype=torch.int32)
-    n, taps = index.shape
-    xs = x.movedim(dim, -2).to(torch.int32)                      # (..., L, 3)
-    gathered = xs[..., index.reshape(-1), :].unflatten(-2, (n, taps))  # (..., n, K, 3)
-    acc = (gathered * k[:, :, None]).sum(-2, dtype=torch.int32) + (1 << (_PRECISION_BITS - 1))
-    out = torch.clamp(acc >> _PRECISION_BITS, 0, 255).to(torch.uint8)
-    return out.movedim(-2, dim)
+    xs = x.movedim(dim, -2).to(torch.int32)                       # (..., L, 3)
+    acc = None
+    for j in range(index.shape[1]):  # one tap at a time: (..., n, 3) live, not (..., n, K, 3)
+        term = torch.index_select(xs, -2, index[:, j]) * k[:, j, None]
+        acc = term if acc is None else acc.add_(term)
+    acc += 1 << (_PRECISION_BITS - 1)
+    return torch.clamp(acc >> _PRECISION_BITS, 0, 255).to(torch.uint8).movedim(-2, dim)
 
 
 def _yuv_coeffs(matrix: int, full_range: bool):
