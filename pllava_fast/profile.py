@@ -206,20 +206,26 @@ def norms_from_features(model, features: Tensor,
     if sum(frames_per_video) != features.shape[0] or min(frames_per_video, default=0) <= 0:
         raise ValueError(f"frames_per_video {frames_per_video} does not add up to the "
                          f"{features.shape[0]} frames of features")
-    h, w = _frame_shape(model, features.shape[1])
-    projector = model.multi_modal_projector
     out = []
     for feats in torch.split(features, frames_per_video):
         prepared = model.prepare_video_frames(feats, [feats.shape[0]])
-        full = projector.linear_2(_activate(projector, projector.linear_1(prepared)))
-        pooled = projector(prepared, num_frames)
-        pt, ph, pw = _pooled_grid(model, pooled.shape[1], (prepared.shape[0], h, w))
-        out.append(TokenNorms(
-            vision=_grid_norms(feats, (feats.shape[0], h, w)),
-            projector=_grid_norms(full, (prepared.shape[0], h, w)),
-            pooled=_grid_norms(pooled, (pt, ph, pw)),
-        ))
+        pooled = model.multi_modal_projector(prepared, num_frames)
+        out.append(_video_norms(model, feats, prepared, pooled[0]))
     return out
+
+
+def _video_norms(model, vision: Tensor, prepared: Tensor, pooled: Tensor) -> TokenNorms:
+    """One video's norm grids: vision (T, H*W, D_v) features, the projector's input prepared
+    (num_frames, H*W, D_v) and its pooled output (t*h*w, D_llm). Adds the original-order
+    projector pass linear_2(act(linear_1(prepared)))."""
+    projector = model.multi_modal_projector
+    h, w = _frame_shape(model, vision.shape[1])
+    full = projector.linear_2(_activate(projector, projector.linear_1(prepared)))
+    return TokenNorms(
+        vision=_grid_norms(vision, (vision.shape[0], h, w)),
+        projector=_grid_norms(full, (prepared.shape[0], h, w)),
+        pooled=_grid_norms(pooled, _pooled_grid(model, pooled.shape[0], (prepared.shape[0], h, w))),
+    )
 
 
 def _pooled_grid(model, num_tokens: int, source: Sequence[int]) -> tuple[int, int, int]:
@@ -239,6 +245,43 @@ def capture_token_norms(model, pixel_values: Tensor,
     :class:`TokenNorms` per video (runs the vision tower once, the projector twice)."""
     features = model.vision_features(pixel_values)
     return norms_from_features(model, features, frames_per_video)
+
+
+class NormRecorder:
+    """Records the token norms of every video the model's projector sees while the context is
+    open, e.g. during ``model.generate(...)`` on real inputs::
+
+        with NormRecorder(model) as rec:
+            model.generate(**inputs, pixel_values=pv, max_new_tokens=64)
+        report = build_report(rec.norms[0])
+
+    A forward hook on ``model.multi_modal_projector`` reads its input and pooled output and adds
+    the original-order projector pass; generation itself is unchanged. Here the ``vision`` point is
+    the projector's input, i.e. after PLLaVA's short-clip repeat (num_frames frames per video).
+    ``norms``: one :class:`TokenNorms` per video, in call order.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.norms: list[TokenNorms] = []
+        self._handle = None
+
+    def __enter__(self) -> "NormRecorder":
+        self._handle = self.model.multi_modal_projector.register_forward_hook(
+            self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @torch.no_grad()
+    def _hook(self, module, args, kwargs, output) -> None:
+        features = args[0] if args else kwargs["features"]
+        num_frames = int(args[1] if len(args) > 1 else kwargs["num_frames"])
+        for v, prepared in enumerate(torch.split(features, num_frames)):
+            self.norms.append(_video_norms(self.model, prepared, prepared, output[v]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -22,11 +21,16 @@ from pllava_fast.cli import main as cli_main
 # fixtures
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_model():
+def tiny():
     testing = pytest.importorskip("pllava_fast.testing")
     torch.manual_seed(0)
-    model, _ = testing.tiny_pllava()
-    return model.float().eval()
+    model, tokenizer = testing.tiny_pllava()
+    return model.float().eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny):
+    return tiny[0]
 
 
 def _write_clip(path: Path, frames: int = 12, size=(64, 48), codec="mpeg4") -> Path:
@@ -229,6 +233,24 @@ def test_capture_matches_get_video_features(tiny_model):
     torch.testing.assert_close(norms.pooled.reshape(-1),
                                torch.linalg.vector_norm(tokens[0].float(), dim=-1),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_recorder_during_generate(tiny):
+    from pllava_fast.testing import random_pixel_values
+
+    tiny_model, tok = tiny
+    cfg = tiny_model.config
+    pv = random_pixel_values(2 * cfg.num_frames, cfg, seed=5)
+    enc = tok(["USER:<image> What is happening? ASSISTANT:"] * 2, return_tensors="pt")
+    with prof.NormRecorder(tiny_model) as rec:
+        tiny_model.generate(**enc, pixel_values=pv, max_new_tokens=3, do_sample=False)
+    tiny_model.get_video_features(pv)  # after the context: not recorded
+    assert len(rec.norms) == 2
+    expected = prof.capture_token_norms(tiny_model, pv)
+    for got, want in zip(rec.norms, expected):
+        for point in prof.POINTS:
+            torch.testing.assert_close(getattr(got, point), getattr(want, point),
+                                       rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
