@@ -294,7 +294,8 @@ class _Table:
         return sorted(p for p, d in zip(self.pts, self.discard) if not d)
 
 
-def _scan(opener: _Opener) -> _Table:
+def _scan(opener: _Opener):
+    """Demux the whole video stream once; returns (table, the open container at its end)."""
     container = opener.open()
     try:
         stream = _video_stream(container, opener.name)
@@ -312,23 +313,28 @@ def _scan(opener: _Opener) -> _Table:
         listed = stream.frames
         codec = stream.codec_context.name
         mov = "mp4" in container.format.name
-    finally:
+    except BaseException:
         container.close()
+        raise
     if all(discard):
+        container.close()
         raise VideoDecodeError(f"{opener.name}: the video stream has no frames")
     if mov and listed and len(pts) < listed:
         # mp4/mov list every sample; fewer packets than listed means the data was cut short
+        container.close()
         raise VideoDecodeError(f"{opener.name}: truncated video: the container lists {listed} "
                                f"frames, only {len(pts)} could be read")
-    return _Table(pts=pts, key=key, discard=discard, codec=codec, fps=float(rate) if rate else None)
+    table = _Table(pts=pts, key=key, discard=discard, codec=codec,
+                   fps=float(rate) if rate else None)
+    return table, container
 
 
 class _Reader:
     """Decodes one video stream, keeping the frames at wanted presentation indices."""
 
-    def __init__(self, opener: _Opener, threads: int, keep_yuv: bool):
+    def __init__(self, opener: _Opener, threads: int, keep_yuv: bool, container=None):
         self.opener, self.threads, self.keep_yuv = opener, threads, keep_yuv
-        self.container = None
+        self.container = container  # the scan's container: rewound instead of re-opened
         self.kept: dict[int, tuple] = {}
         self.tags = None  # (matrix, range) of kept YUV frames; None: kept as rgb24
         self.size = None
@@ -336,46 +342,57 @@ class _Reader:
         self.seeks = 0
         self.decoded = 0
 
-    # -- container state -------------------------------------------------------------------
     def close(self):
         if self.container is not None:
             self.container.close()
             self.container = None
 
-    def _start(self):
-        """Fresh container at the start of the stream."""
-        self.close()
-        self.container = self.opener.open()
+    # -- positioning -------------------------------------------------------------------------
+    def _go(self, seek_pts=None, aim=None):
+        """Position the demuxer: a seek on the open container (to ``seek_pts``, landing at
+        decode position ``aim`` or before), else a freshly opened container at the start
+        (opening is not free: FFmpeg's stream probing decodes frames)."""
+        if seek_pts is not None and self.container is not None:
+            self.container.seek(seek_pts, stream=self.container.streams.video[0], backward=True,
+                                any_frame=False)
+        else:
+            self.close()
+            self.container = self.opener.open()
+            aim = None
         self.stream = _video_stream(self.container, self.opener.name)
         cc = self.stream.codec_context
-        cc.thread_type = "AUTO"  # frame + slice threads
-        cc.thread_count = self.threads
-        self.frames = self._decode(self.container.demux(self.stream), aim=None)
-        self.cur = -1  # decode position of the last packet fed
-        self.floor = None  # frames with a smaller pts precede the seek point: skipped
-        self.expect = 0  # presentation index the next frame must have
+        if cc.is_open:
+            cc.flush_buffers()
+        else:
+            cc.thread_type = "AUTO"  # frame + slice threads
+            cc.thread_count = self.threads
+        self.packets = self.container.demux(self.stream)
+        self.aim = aim
 
-    # -- frames ------------------------------------------------------------------------------
-    def _decode(self, packets, aim):
-        """Yields decoded frames; ``aim``: decode position the first packet must not pass."""
+    def _frames(self, pos_of=None, last=None):
+        """Decode packets up to decode position ``last`` (all when None), then drain the
+        decoder: the frames still in flight come out without feeding further packets.
+        Yields (frame, drained)."""
         cc = self.stream.codec_context
         try:
-            for packet in packets:
+            for packet in self.packets:
                 if packet.size == 0:
                     continue
-                pos = self.pos_of.get(packet.pts) if self.pos_of is not None else None
-                if aim is not None:
-                    if pos is None or pos > aim:
+                pos = None
+                if pos_of is not None:
+                    pos = pos_of.get(packet.pts)
+                    if pos is None:
+                        raise _Mismatch(f"packet pts {packet.pts} not in the table")
+                    if self.aim is not None and pos > self.aim:
                         raise _LandedLate
-                    aim = None
-                if pos is not None:
-                    self.cur = pos
-                else:
-                    self.cur += 1
-                frames = cc.decode(packet)
+                self.aim = None
                 self.decoded += 1
-                yield from frames
-            yield from cc.decode(None)
+                for frame in cc.decode(packet):
+                    yield frame, False
+                if last is not None and pos >= last:
+                    break
+            for frame in cc.decode(None):
+                yield frame, True
         except (av.error.FFmpegError, EOFError) as e:
             raise VideoDecodeError(f"{self.opener.name}: corrupt or truncated video ({e})") from e
 
@@ -396,62 +413,77 @@ class _Reader:
                                    f"mid-stream (frame {index})")
 
     # -- strategies --------------------------------------------------------------------------
-    def by_table(self, table: _Table, wanted: list[int], seek: bool):
-        """Frames at the wanted presentation indices, seeking to keyframes where that decodes
-        fewer frames than going on; checks every output frame against the table."""
-        self.pos_of = {p: i for i, p in enumerate(table.pts)}
+    @staticmethod
+    def plan(table: _Table, targets: list[int], seek: bool) -> list[tuple[int | None, int, list]]:
+        """Greedy decode plan: runs of (keyframe position to seek to or None to go on from the
+        start, last decode position to feed, targets). A new run (a seek) starts only when
+        decoding from the target's keyframe costs fewer frames than decoding on."""
+        pos_of = {p: i for i, p in enumerate(table.pts)}
         frame_pts = table.frame_pts
-        rank = {p: r for r, p in enumerate(frame_pts)}
         keys = [i for i, k in enumerate(table.key) if k]
-        key_pts = [table.pts[i] for i in keys]
-        self._start()
-        for target in sorted(set(wanted)):
-            if target in self.kept:
-                continue
-            target_pts = frame_pts[target]
-            q = self.pos_of[target_pts]
+        runs, cur = [], -1
+        for target in targets:
+            p = frame_pts[target]
+            q = pos_of[p]
             # last keyframe at or before the target in decode order and in presentation order
             j = bisect.bisect_right(keys, q) - 1
-            while j > 0 and key_pts[j] > target_pts:  # open GOP: a leading picture
+            while j > 0 and table.pts[keys[j]] > p:  # open GOP: a leading picture
                 j -= 1
             k = keys[j]
-            if seek and k > self.cur and (q - k + 1) + SEEK_COST_FRAMES < q - self.cur:
-                self._seek(k, table.pts[k], bisect.bisect_left(frame_pts, table.pts[k]))
-            while target not in self.kept:
-                try:
-                    frame = next(self.frames)
-                except StopIteration:
-                    raise _Mismatch(f"stream ended before frame {target}") from None
-                except _LandedLate:
-                    self._start()  # the container could not seek there: decode from the start
-                    continue
-                if frame.pts is None:
-                    raise _Mismatch("frame without pts")
-                if self.floor is not None and frame.pts < self.floor:
-                    continue
-                r = rank.get(frame.pts)
-                if r != self.expect:
-                    raise _Mismatch(f"decoder gave pts {frame.pts}, table expects frame "
-                                    f"{self.expect}")
-                self.expect += 1
-                if r in wanted and r not in self.kept:
-                    self._keep(r, frame)
+            if runs and not (seek and k > cur and (q - k + 1) + SEEK_COST_FRAMES < q - cur):
+                runs[-1][1] = max(runs[-1][1], q)
+                runs[-1][2].append(target)
+            else:
+                start = k if (seek and k > 0 and q - k + 1 + SEEK_COST_FRAMES < q + 1) else None
+                runs.append([start, q, [target]])
+            cur = max(cur, q)
+        return runs
 
-    def _seek(self, k: int, key_pts: int, first_rank: int):
-        self.container.seek(key_pts, stream=self.stream, backward=True, any_frame=False)
-        self.stream.codec_context.flush_buffers()
-        self.frames = self._decode(self.container.demux(self.stream), aim=k)
-        self.floor = key_pts
-        self.expect = first_rank
-        self.seeks += 1
+    def by_table(self, table: _Table, wanted: list[int], seek: bool):
+        """Frames at the wanted presentation indices following ``plan``; every output frame is
+        checked against the table (consecutive presentation order while feeding)."""
+        pos_of = {p: i for i, p in enumerate(table.pts)}
+        frame_pts = table.frame_pts
+        rank = {p: r for r, p in enumerate(frame_pts)}
+        wanted = set(wanted)
+        for key, last, targets in self.plan(table, sorted(wanted), seek):
+            if key is None:  # from the start: rewind the scan's container
+                self._go(table.pts[0], aim=0)
+                floor, expect = None, 0
+            else:
+                self._go(table.pts[key], aim=key)
+                self.seeks += 1
+                floor = table.pts[key]  # earlier frames come from before the keyframe
+                expect = bisect.bisect_left(frame_pts, floor)
+            while True:
+                try:
+                    for frame, drained in self._frames(pos_of, last):
+                        if frame.pts is None:
+                            raise _Mismatch("frame without pts")
+                        if floor is not None and frame.pts < floor:
+                            continue
+                        r = rank.get(frame.pts)
+                        # draining skips frames whose packets were not fed
+                        if r is None or r < expect or (r > expect and not drained):
+                            raise _Mismatch(f"decoder gave pts {frame.pts}, table expects "
+                                            f"frame {expect}")
+                        expect = r + 1
+                        if r in wanted and r not in self.kept:
+                            self._keep(r, frame)
+                    break
+                except _LandedLate:  # the demuxer could not seek there: go from the start
+                    self._go()
+                    floor, expect = None, 0
+            missing = [t for t in targets if t not in self.kept]
+            if missing:
+                raise _Mismatch(f"frames {missing} not found")
 
     def by_count(self, wanted: set[int], stop: int | None):
-        """One pass from the start keeping frames by output position; returns the number of
+        """One pass from a fresh start keeping frames by output position; returns the number of
         frames seen (all of them when ``stop`` is None, else up to index ``stop``)."""
-        self.pos_of = None
-        self._start()
+        self._go()
         count = 0
-        for frame in self.frames:
+        for frame, _ in self._frames():
             if count in wanted:
                 self._keep(count, frame)
             count += 1
@@ -478,8 +510,8 @@ def _assemble(name, reader: _Reader, indices, fps, total, rotate: bool) -> Decod
 
 
 def _read_stream(opener: _Opener, num_frames, start, end, rotate, keep_yuv, threads, stats):
-    table = _scan(opener)
-    reader = _Reader(opener, threads, keep_yuv)
+    table, container = _scan(opener)
+    reader = _Reader(opener, threads, keep_yuv, container)
     try:
         if table.seekable:
             n = len(table.frame_pts)
