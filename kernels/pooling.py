@@ -131,7 +131,7 @@ def _cuda_configs():
     ]
 
 
-# the smallest BLOCK_C among the configs: sizes the per-C-block norm scratch before autotuning picks
+# the smallest BLOCK_C among the configs: sizes the per-C-block norm scratch before tuning picks one
 _MIN_BLOCK_C = min(cfg.kwargs["BLOCK_C"] for cfg in _cuda_configs())
 _pool_visual_tokens_kernel_tuned = triton.autotune(
     configs=_cuda_configs(), key=["M", "C", "KT", "KH", "KW", "ACT", "NORMS"],
@@ -175,22 +175,25 @@ def _pool_visual_tokens(
         # the interpreter's cost is per op, not per element: few programs with large tiles
         block_c = block_c or min(triton.next_power_of_2(c), 1024)
         block_m = block_m or min(triton.next_power_of_2(m), max(1, 32768 // block_c))
+    # partial sums of squares, one row per C block: every token has exactly one owner cell, so
+    # the rows of the blocks the launch uses are fully written (the rest are never read)
     n_parts = triton.cdiv(c, _MIN_BLOCK_C if tuned else block_c)
-    # partial sums of squares per C block; blocks a launch does not use stay zero
-    scratch = (torch.zeros((n_parts, n_tokens), device=x.device, dtype=torch.float32)
+    scratch = (torch.empty((n_parts, n_tokens), device=x.device, dtype=torch.float32)
                if return_norms else out)
     args = (x, out, scratch, m, n_tokens, num_frames, fh, fw, c, pt, ph, pw)
     consts = dict(KT=kt, KH=kh, KW=kw, UNROLL=unroll, ACT=ACT_CODES[act], NORMS=bool(return_norms))
     if tuned:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
         _pool_visual_tokens_kernel_tuned[grid](*args, **consts)
+        # configs tried while tuning wrote other rows; keep those of the config that ran last
+        n_parts = triton.cdiv(c, _pool_visual_tokens_kernel_tuned.best_config.kwargs["BLOCK_C"])
     else:
         grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
         _pool_visual_tokens_kernel[grid](*args, **consts, BLOCK_M=block_m, BLOCK_C=block_c,
                                          num_warps=4)
     if not return_norms:
         return out, None
-    norms = scratch[0] if n_parts == 1 else scratch.sum(0)
+    norms = scratch[0] if n_parts == 1 else scratch[:n_parts].sum(0)
     return out, norms.sqrt_().view(bt, hw)
 
 
