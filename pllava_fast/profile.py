@@ -37,7 +37,8 @@ from .preprocess import frames_to_pixel_values
 POINTS = ("vision", "projector", "pooled")
 SCHEMA = "pllava-fast/profile-report"
 SCHEMA_VERSION = 1
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".gif", ".png", ".jpg", ".jpeg")
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,9 +288,16 @@ class NormRecorder:
 # ---------------------------------------------------------------------------------------------
 # Video input
 # ---------------------------------------------------------------------------------------------
+def _is_single_video(obj) -> bool:
+    return (isinstance(obj, (str, os.PathLike, Tensor)) or hasattr(obj, "num_frames_total")
+            or hasattr(obj, "__array_interface__") or not isinstance(obj, Iterable))
+
+
 def _expand_sources(videos) -> list:
-    """Paths (folders expand to their media files, sorted) and in-memory videos, checked to exist."""
-    if isinstance(videos, (str, os.PathLike)) or not isinstance(videos, Iterable):
+    """Videos to profile, paths checked to exist. A folder holding video files expands to them
+    (sorted); a folder of images only is one video (numbered frames, as ``read_video`` reads it).
+    In-memory videos (DecodedVideo, frame arrays) pass through."""
+    if _is_single_video(videos):
         videos = [videos]
     out = []
     for v in videos:
@@ -298,10 +306,15 @@ def _expand_sources(videos) -> list:
             continue
         p = Path(v)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES)
-            if not found:
-                raise ValueError(f"no video files ({', '.join(VIDEO_SUFFIXES)}) in folder {p}")
-            out.extend(found)
+            files = sorted(f for f in p.iterdir() if f.is_file())
+            found = [f for f in files if f.suffix.lower() in VIDEO_SUFFIXES]
+            if found:
+                out.extend(found)
+            elif any(f.suffix.lower() in IMAGE_SUFFIXES for f in files):
+                out.append(p)
+            else:
+                raise ValueError(f"no video files ({', '.join(VIDEO_SUFFIXES)}) or image frames "
+                                 f"in folder {p}")
         elif not p.exists():
             raise FileNotFoundError(f"video not found: {p}")
         else:
@@ -321,8 +334,9 @@ def _read_frames(source, num_frames: int):
             video = read_video(path, num_frames)
         except (FileNotFoundError, PermissionError):
             raise
-        except Exception as exc:  # decoder errors come in many types; name the file
-            raise ValueError(f"cannot read video {path}: {exc}") from exc
+        except Exception as exc:  # decoder errors come in many types; name the file once
+            msg = str(exc).replace(f"{path}: ", "", 1)
+            raise ValueError(f"cannot read video {path}: {msg}") from exc
     else:
         video = source
     if hasattr(video, "num_frames_total"):  # a DecodedVideo
@@ -552,14 +566,21 @@ def _json_default(obj):
 def write_report(report: dict, norms: TokenNorms, out_dir, thumbnails: Tensor | None = None,
                  plots: bool = True) -> dict:
     """Write report.json, report.md and (when ``plots``) the PNGs into out_dir; returns the report
-    with ``plots`` filled in."""
+    with ``plots`` filled in (and ``timing_s.plots`` when the report has ``timing_s``)."""
     out_dir = _prepare_out_dir(out_dir)
     report = dict(report)
+    t0 = time.perf_counter()
     report["plots"] = write_plots(report, norms, out_dir, thumbnails) if plots else {}
-    with open(out_dir / "report.json", "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1, allow_nan=False, default=_json_default)
+    if "timing_s" in report:
+        report["timing_s"] = {**report["timing_s"], "plots": time.perf_counter() - t0}
+    _write_json(out_dir / "report.json", report)
     (out_dir / "report.md").write_text(render_markdown(report) + "\n", encoding="utf-8")
     return report
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, allow_nan=False, default=_json_default)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,7 +612,10 @@ def profile_video(model, video, *, out_dir=None, num_frames: int | None = None, 
     num_frames = int(num_frames or model.config.num_frames)
     if num_frames <= 0:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
-    (source,) = _expand_sources([video]) if isinstance(video, (str, os.PathLike)) else (video,)
+    sources = _expand_sources(video)
+    if len(sources) != 1:
+        raise ValueError(f"{video} holds {len(sources)} videos: use profile_videos for several")
+    source = sources[0]
     timing = {}
     t0 = time.perf_counter()
     decoded, info = _read_frames(source, num_frames)
@@ -606,15 +630,9 @@ def profile_video(model, video, *, out_dir=None, num_frames: int | None = None, 
     timing["capture"] = time.perf_counter() - t0
     report = build_report(norms, k=k, top=top, video=info, model=model_info(model, model_name),
                           config={"num_frames": num_frames})
+    report["timing_s"] = timing
     if out_dir is not None:
-        t0 = time.perf_counter()
         report = write_report(report, norms, out_dir, _thumbnails(pixel_values), plots=plots)
-        timing["write"] = time.perf_counter() - t0
-        report["timing_s"] = timing
-        with open(Path(out_dir) / "report.json", "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, allow_nan=False, default=_json_default)
-    else:
-        report["timing_s"] = timing
     return report
 
 
@@ -694,8 +712,7 @@ def profile_videos(model, videos, out_dir, *, num_frames: int | None = None, k: 
         "versions": _versions(),
         "videos": rows,
     }
-    with open(out / "summary.json", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1, allow_nan=False, default=_json_default)
+    _write_json(out / "summary.json", summary)
     (out / "summary.md").write_text(render_summary_markdown(summary), encoding="utf-8")
     return summary
 

@@ -413,6 +413,21 @@ def test_missing_and_empty_inputs_are_named(tmp_path, capsys):
     assert "no video files" in capsys.readouterr().err
 
 
+def test_folders_expand_to_videos_or_stay_one_frame_folder(tmp_path):
+    vids = tmp_path / "vids"
+    vids.mkdir()
+    for name in ("b.mp4", "a.mkv", "notes.txt"):
+        (vids / name).write_bytes(b"")
+    assert prof._expand_sources(vids) == [vids / "a.mkv", vids / "b.mp4"]
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(frames / f"{i:03d}.png")
+    assert prof._expand_sources([frames, vids / "a.mkv"]) == [frames, vids / "a.mkv"]
+    one = torch.zeros(2, 8, 8, 3, dtype=torch.uint8)
+    assert len(prof._expand_sources(one)) == 1
+
+
 def test_unreadable_video_is_named(tiny_model, tmp_path, capsys):
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"this is not a video" * 50)
