@@ -113,10 +113,6 @@ class PllavaConfig(PretrainedConfig):
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(
                 f"unexpected vision_feature_select_strategy {self.vision_feature_select_strategy!r}")
-        if self.pad_token_id is None:
-            raise ValueError(
-                "pad_token_id is missing from config.json and text_config: PLLaVA embeds the image "
-                "token as pad, so it needs one")
 
     @property
     def num_visual_tokens(self) -> int:

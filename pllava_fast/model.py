@@ -101,6 +101,9 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: PllavaConfig, attn_implementation: str = "sdpa"):
         super().__init__(config)
+        if config.pad_token_id is None:
+            raise ValueError("pad_token_id is missing from config.json and text_config: PLLaVA "
+                             "embeds the image token as pad, so it needs one")
         vision_config, text_config = config.vision_config, config.text_config
         vision_config._attn_implementation = (
             attn_implementation if attn_implementation in _VISION_ATTN else "sdpa")

@@ -169,6 +169,7 @@ def test_missing_config_dir_and_weights(tmp_path):
 
 
 def test_config_defaults_and_overrides(tmp_path):
+    assert PllavaConfig().pad_token_id is None  # transformers builds the default config itself
     cfg = PllavaConfig(text_config={"model_type": "llama", "pad_token_id": 0})
     assert cfg.pooling_shape == [16, 12, 12] and cfg.num_frames == 16
     assert cfg.frame_shape == [24, 24] and cfg.vision_feature_layer == -2
