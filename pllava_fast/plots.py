@@ -223,11 +223,12 @@ def _hist_panel(ax, series: Mapping[str, np.ndarray], k: float, title: str) -> N
 # ---------------------------------------------------------------------------------------------
 # Per-frame max / median curves
 # ---------------------------------------------------------------------------------------------
-CURVES_FIGSIZE = (11.0, 7.0)
+CURVES_FIGSIZE = (12.0, 7.0)
 
 
 def plot_curves(path, per_frame: Mapping[str, Mapping[str, Sequence[float]]]) -> tuple[int, int]:
-    """Per-frame max and median norms (top, log) and their ratio, the dominance (bottom).
+    """Per-frame max and median norms (top; log scale when they span more than a decade) and their
+    ratio, the dominance (bottom). Legends sit to the right, outside the data.
 
     Args:
         per_frame: point name -> {"x": frame positions, "max": [...], "median": [...],
@@ -236,7 +237,8 @@ def plot_curves(path, per_frame: Mapping[str, Mapping[str, Sequence[float]]]) ->
     """
     fig = _figure(CURVES_FIGSIZE)
     ax_n, ax_d = fig.subplots(2, 1, sharex=True)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.08, top=0.95, hspace=0.18)
+    fig.subplots_adjust(left=0.07, right=0.74, bottom=0.08, top=0.95, hspace=0.18)
+    values = []
     for name, series in per_frame.items():
         color = _COLORS.get(name)
         label = POINT_LABELS.get(name, name)
@@ -244,18 +246,19 @@ def plot_curves(path, per_frame: Mapping[str, Mapping[str, Sequence[float]]]) ->
         ax_n.plot(x, series["max"], "-o", color=color, markersize=3, label=f"{label}: max")
         ax_n.plot(x, series["median"], "--s", color=color, markersize=3, alpha=0.7,
                   label=f"{label}: median")
+        values += [v for v in (*series["max"], *series["median"]) if v is not None and v > 0]
         dom = [np.nan if d is None else d for d in series["dominance"]]
         ax_d.plot(x, dom, "-o", color=color, markersize=3, label=label)
-    ax_n.set_yscale("log")
-    _plain_log_ticks(ax_n.yaxis, *ax_n.get_ylim())
-    ax_n.tick_params(which="minor", labelsize=7)
-    ax_n.set_ylabel("token L2 norm (log)")
-    ax_n.set_title("per-frame max and median token norm", fontsize=11)
-    ax_n.legend(fontsize=7, ncol=3, loc="best")
+    if values and max(values) > 10 * min(values):
+        ax_n.set_yscale("log")
+        _plain_log_ticks(ax_n.yaxis, *ax_n.get_ylim())
+    ax_n.set_ylabel("token L2 norm")
+    ax_n.set_title("per-frame max (solid) and median (dashed) token norm", fontsize=11)
+    ax_n.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax_n.grid(True, alpha=0.3)
     ax_d.set_ylabel("max / median")
     ax_d.set_xlabel("frame (model input frames; pooled frames at their window centre)")
-    ax_d.set_title("per-frame dominance ratio", fontsize=11)
-    ax_d.legend(fontsize=8, loc="best")
+    ax_d.set_title("per-frame dominance ratio (max / median)", fontsize=11)
+    ax_d.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax_d.grid(True, alpha=0.3)
     return _save(fig, path)
