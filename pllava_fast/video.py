@@ -1,6 +1,30 @@
 """Frame sampling and video decoding: PLLaVA's frame-index rules and a PyAV reader that decodes
 only the sampled frames and hands back raw YUV planes (colour conversion happens in the batched
 preprocessing op, not here).
+
+Conventions of ``read_video``:
+
+* Frame index ``i`` is the i-th frame of PyAV's full sequential decode of the first video stream,
+  i.e. the frame with the i-th smallest pts (decoders output in presentation order; frames the
+  decoder drops, such as an edit list's pre-roll, are not counted). For variable frame rate,
+  indices count frames, not time; ``fps`` is the stream's average rate, used only for the
+  time-bound rule, as PLLaVA does with decord's average fps.
+* Frame count: one demux pass reads every packet of the stream (no decoding; about 70 ms for
+  60 s of 720p h264 here) and counts them, so a missing or wrong container count does not
+  matter. Where packets carry no usable pts (AVI with B-frames, raw streams) or the decoder's
+  output disagrees with the packet table, frames are counted by decoding the whole stream
+  (one full decode; a second, shorter one if the packet count was off).
+* Seeking: the same pass gives each frame's decode position and keyframe. A greedy plan starts
+  a new run at a target's keyframe only when that decodes fewer frames (plus a small per-seek
+  cost) than decoding on; long GOPs therefore become one forward pass. Each run ends by
+  draining the decoder, so no packet past the last target is decoded. Every output frame is
+  checked against the table; a mismatch falls back to counting.
+* Pixels: 8-bit 4:2:0 (yuv420p, yuvj420p, nv12) tagged BT.601/BT.709 or untagged stay Y/U/V
+  planes (untagged = BT.601 limited range, yuvj = full range, as FFmpeg assumes). Any other
+  format (4:4:4, 4:2:2, 10-bit, gray, palette/GIF, other matrices) becomes rgb24 through
+  swscale with the stream's matrix and range. Images are read with PIL as rgb24.
+* Rotation: the display matrix (``VideoFrame.rotation``) in quarter turns, applied to the planes
+  as FFmpeg's autorotate would (flips in the matrix are ignored); EXIF orientation for images.
 """
 from __future__ import annotations
 
@@ -176,14 +200,18 @@ def _load_image(fp, name: str, rotate: bool) -> np.ndarray:
         raise VideoDecodeError(f"{name}: cannot read image ({e})") from e
 
 
-def _is_still_image(data: bytes) -> bool:
-    """True when PIL reads ``data`` as a single still image (animations go to the decoder)."""
+def _is_still_image(fp) -> bool:
+    """True when PIL reads the seekable binary file ``fp`` as one still image (animations go to
+    the decoder); PIL reads only the header. ``fp`` is left where it was."""
     from PIL import Image, UnidentifiedImageError
+    pos = fp.tell()
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(fp) as im:
             return im.format != "GIF" and getattr(im, "n_frames", 1) == 1
     except (UnidentifiedImageError, OSError, ValueError):
         return False
+    finally:
+        fp.seek(pos)
 
 
 def _quarter_turns(rotation) -> int:
@@ -562,7 +590,8 @@ def read_video(source, num_frames: int = 16, *, start: float | None = None,
 
     source: a video file (anything FFmpeg demuxes: mp4/mov/mkv/webm/avi/gif...), a folder of
       numbered image frames, a single image (returned as 1 frame: the model repeats it), or the
-      same as ``bytes`` or a seekable binary file object.
+      same as ``bytes`` or a binary file object (read from its current position; one that
+      cannot seek is read into memory first).
     start, end: time bounds in seconds (PLLaVA's evaluation rule); ``fps`` gives the frame rate
       of a frame folder (needed for bounds there); video files use their average rate.
     rotate: apply the display matrix (quarter turns; flips are ignored) / EXIF orientation.
@@ -594,11 +623,13 @@ def read_video(source, num_frames: int = 16, *, start: float | None = None,
                 raise VideoDecodeError(f"{path}: is an image, a video is required")
             return _read_images([path], name, 1, None, None, None, rotate)
     elif isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "read"):
-        data = bytes(source) if not hasattr(source, "read") else None
-        if data is not None and _is_still_image(data):
+        if hasattr(source, "read") and not (hasattr(source, "seekable") and source.seekable()):
+            source = source.read()  # a pipe or socket: demuxing and seeking need random access
+        fp = source if hasattr(source, "read") else io.BytesIO(source)
+        if _is_still_image(fp):
             if require_video:
                 raise VideoDecodeError(f"{name}: is an image, a video is required")
-            rgb = _load_image(io.BytesIO(data), name, rotate)
+            rgb = _load_image(fp, name, rotate)
             return DecodedVideo(source=name, indices=[0], fps=None, num_frames_total=1,
                                 pixel_format="rgb24", rgb=torch.from_numpy(rgb[None]),
                                 color_matrix="bt601", color_range="full")

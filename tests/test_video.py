@@ -211,6 +211,17 @@ def test_keep_yuv_false_and_formats(clips):
         assert read_video(clips(name), 2).pixel_format == "rgb24", name
 
 
+def test_nv12_planes_deinterleaved():
+    from pllava_fast.video import frame_to_yuv420
+    h, w = 6, 10
+    rng = np.random.default_rng(1)
+    nv12 = rng.integers(0, 256, (h * 3 // 2, w), dtype=np.uint8)
+    y, u, v = frame_to_yuv420(av.VideoFrame.from_ndarray(nv12, format="nv12"))
+    np.testing.assert_array_equal(y, nv12[:h])
+    np.testing.assert_array_equal(u, nv12[h:, 0::2])
+    np.testing.assert_array_equal(v, nv12[h:, 1::2])
+
+
 def test_yuv_plane_shapes_odd_size(clips):
     video = read_video(clips("odd_vp9"), 4)
     assert video.pixel_format == "yuv420p"
@@ -240,6 +251,7 @@ def test_rotation(tmp_path, rotation):
     assert_matches_reference(upright, path, turns=turns)
     raw = read_video(path, 4, rotate=False)
     assert_matches_reference(raw, path)
+    assert_matches_reference(read_video(path, 4, keep_yuv=False), path, turns=turns)
     if rotation != 180:
         assert (upright.height, upright.width) == (64, 48)
         assert upright.u.shape[1:] == (32, 24)
@@ -276,6 +288,17 @@ def test_bytes_and_file_objects(clips):
     with open(path, "rb") as f:
         assert torch.equal(read_video(f, 8).u, want.u)
 
+    class Pipe:  # read-only, no seeking
+        def __init__(self, data):
+            self._f = io.BytesIO(data)
+
+        def read(self, n=-1):
+            return self._f.read(n)
+
+        def seekable(self):
+            return False
+    assert torch.equal(read_video(Pipe(data), 8).y, want.y)
+
 
 def test_missing_frame_count_is_counted(clips):
     path = clips("vp8")  # webm lists no frame count
@@ -292,8 +315,20 @@ def test_images_and_frame_folders(tmp_path):
     np.testing.assert_array_equal(still.rgb[0].numpy(), img)
     from_bytes = read_video((tmp_path / "still.png").read_bytes())
     assert torch.equal(from_bytes.rgb, still.rgb)
+    with open(tmp_path / "still.png", "rb") as f:
+        assert torch.equal(read_video(f).rgb, still.rgb)
     with pytest.raises(VideoDecodeError, match="still.png.*video is required"):
         read_video(str(tmp_path / "still.png"), require_video=True)
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(img).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    with Image.open(tmp_path / "phone.jpg") as im:
+        raw_jpeg = np.asarray(im.convert("RGB"))
+    upright = read_video(str(tmp_path / "phone.jpg"))
+    np.testing.assert_array_equal(upright.rgb[0].numpy(), np.rot90(raw_jpeg, -1))
+    np.testing.assert_array_equal(read_video(str(tmp_path / "phone.jpg"), rotate=False).rgb[0],
+                                  raw_jpeg)
 
     folder = tmp_path / "frames"
     folder.mkdir()
