@@ -135,6 +135,8 @@ class PllavaConfig(PretrainedConfig):
             raise ValueError(
                 f"{file}: model_type {data.get('model_type')!r} is not a PLLaVA (llava) checkpoint")
         data.pop("model_type", None)
+        if "image_token_id" in data:  # transformers' LlavaConfig alias
+            data.setdefault("image_token_index", data.pop("image_token_id"))
         data.update(overrides)
         return cls(**data)
 

@@ -13,6 +13,7 @@ from transformers import LlavaForConditionalGeneration, TextIteratorStreamer
 
 from pllava_fast import PllavaForConditionalGeneration
 from pllava_fast.conversation import load_tokenizer
+from pllava_fast.model import cache_kwarg_name
 from pllava_fast.testing import random_pixel_values, save_tiny_pllava, tiny_pllava
 
 PROMPTS = ["USER:<image> What is happening in the video? ASSISTANT:",
@@ -176,3 +177,19 @@ def test_media_type_and_5d_pixel_values():
     out = model.generate(**enc, pixel_values=pv.view(2, 4, *pv.shape[1:]), media_type="video",
                          num_beams=2, max_new_tokens=3, do_sample=False)
     assert out.shape[0] == 2
+
+
+def test_user_cache_passes_through():
+    from transformers import DynamicCache
+
+    model, tok = tiny_pllava()
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    pv = random_pixel_values(8, model.config)
+    kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=None)
+    default = model.generate(**enc, pixel_values=pv, **kw)
+    cache = DynamicCache(config=model.config.text_config)
+    name = cache_kwarg_name(model.language_model)  # "cache" from transformers 5.24 on
+    given = model.generate(**enc, pixel_values=pv, **{name: cache}, **kw)
+    assert torch.equal(default, given)
+    n_prompt = model(**enc, pixel_values=pv).logits.shape[1]
+    assert cache.get_seq_length() == n_prompt + 4  # the expanded prompt and all but the last token
