@@ -20,10 +20,11 @@ DEFAULT_QUESTION = "What is happening in this video?"
 
 
 def make_clip(path, *, num_frames: int = 24, height: int = 96, width: int = 128, fps: int = 8,
-              codec: str = "libx264", seed: int = 0) -> str:
+              codec: str = "libx264", seed: int = 0, keyframe_interval: int | None = None) -> str:
     """Write a clip of moving coloured shapes (a square and a disc on a gradient) to ``path``.
 
-    H.264 in MP4 by default (yuv420p, so height and width must be even). Returns ``path``.
+    H.264 in MP4 by default (yuv420p, so height and width must be even); ``keyframe_interval``
+    sets the GOP length in frames (default: the encoder's). Returns ``path``.
     """
     import av
 
@@ -39,6 +40,9 @@ def make_clip(path, *, num_frames: int = 24, height: int = 96, width: int = 128,
     with av.open(path, mode="w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if keyframe_interval:
+            stream.codec_context.gop_size = int(keyframe_interval)
+            stream.options = {"x264-params": f"keyint={int(keyframe_interval)}:scenecut=0"}
         for t in range(num_frames):
             img = background.copy()
             x0 = int((width - side) * t / max(num_frames - 1, 1))

@@ -83,18 +83,21 @@ class StageTimer:
 class _ModelProbe:
     """Times the vision tower, projector, prefill and decode steps inside ``model.generate``.
 
-    Installed for one run and removed afterwards: forward hooks on the projector and the language
-    model, and an instance-level wrapper around ``get_video_features`` (vision = video features
-    minus projector). The first language-model call of a run is the prefill; later calls are
-    decode steps.
+    Installed for one run and removed afterwards: an instance-level wrapper around
+    ``get_video_features`` (all visual work), forward hooks on one of its parts (``part``: (stage,
+    attribute), the projector by default) and on the language model. The other visual stage
+    (``rest``) is the wrapper's time minus the part's. The first language-model call of a run is
+    the prefill; later calls are decode steps.
     """
 
-    def __init__(self, model, timer: StageTimer):
+    def __init__(self, model, timer: StageTimer, *, part=("projector", "multi_modal_projector"),
+                 rest="vision"):
         self.model, self.timer = model, timer
+        self.part_stage, self.part_attr = part
+        self.rest = rest
         self.handles = []
         self.lm_calls = 0
         self._t0 = {}
-        self._projector_before = 0.0
 
     def _start(self, key):
         self.timer.sync()
@@ -105,12 +108,12 @@ class _ModelProbe:
         return time.perf_counter() - self._t0.pop(key)
 
     def __enter__(self):
-        m = self.model
-        proj = getattr(m, "multi_modal_projector", None)
-        if proj is not None:
-            self.handles.append(proj.register_forward_pre_hook(lambda *a: self._start("projector")))
-            self.handles.append(proj.register_forward_hook(
-                lambda *a: self.timer.add("projector", self._stop("projector"))))
+        m, stage = self.model, self.part_stage
+        part = getattr(m, self.part_attr, None)
+        if part is not None:
+            self.handles.append(part.register_forward_pre_hook(lambda *a: self._start(stage)))
+            self.handles.append(part.register_forward_hook(
+                lambda *a: self.timer.add(stage, self._stop(stage))))
         lm = getattr(m, "language_model", None)
         if lm is not None:
             self.handles.append(lm.register_forward_pre_hook(lambda *a: self._start("lm")))
@@ -118,11 +121,11 @@ class _ModelProbe:
         features = getattr(m, "get_video_features", None)
         if features is not None:
             def timed_features(*args, **kwargs):
-                before = self.timer.seconds.get("projector", 0.0)
+                before = self.timer.seconds.get(stage, 0.0)
                 self._start("visual")
                 out = features(*args, **kwargs)
                 total = self._stop("visual")
-                self.timer.add("vision", total - (self.timer.seconds.get("projector", 0.0) - before))
+                self.timer.add(self.rest, total - (self.timer.seconds.get(stage, 0.0) - before))
                 return out
             m.get_video_features = timed_features
         return self

@@ -1,0 +1,95 @@
+"""Every ``pllava-fast`` subcommand runs on the tiny model (in-process through cli.main, plus one
+real console-script start)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pllava_fast import cli
+from pllava_fast.demo import make_clip
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from pllava_fast.testing import save_tiny_pllava
+
+    return save_tiny_pllava(tmp_path_factory.mktemp("tiny") / "model", num_frames=4,
+                            pooling_shape=(4, 2, 2))
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return make_clip(tmp_path_factory.mktemp("clip") / "c.mp4", num_frames=8, height=48, width=64)
+
+
+def test_every_subcommand_is_registered():
+    names = set(cli.build_parser()._subparsers._group_actions[0].choices)
+    assert names == set(cli.SUBCOMMANDS)
+
+
+def test_demo(capsys, clip, tiny_dir):
+    assert cli.main(["demo", "--video", clip, "--model", tiny_dir, "--max-new-tokens", "3"]) == 0
+    assert "answer:" in capsys.readouterr().out
+
+
+def test_caption(capsys, clip, tiny_dir):
+    assert cli.main(["caption", clip, "--model", tiny_dir, "--max-new-tokens", "3",
+                     "--pooling", "2,1,1", "--num-frames", "2", "--kv-cache", "int4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{clip}: ")
+
+
+def test_caption_stream(capsys, clip, tiny_dir):
+    assert cli.main(["caption", clip, "--model", tiny_dir, "--max-new-tokens", "5",
+                     "--stream"]) == 0
+    streamed = capsys.readouterr().out
+    assert cli.main(["caption", clip, "--model", tiny_dir, "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() == streamed.strip()
+
+
+def test_chat_reads_piped_turns(monkeypatch, capsys, clip, tiny_dir):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What happens?\n\nAnd then?\n/reset\nWhy?\n"))
+    assert cli.main(["chat", clip, "--model", tiny_dir, "--max-new-tokens", "3", "--json"]) == 0
+    turns = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [t["question"] for t in turns] == ["What happens?", "And then?", "Why?"]
+    assert [t["turn"] for t in turns] == [1, 2, 1]  # /reset started over
+
+
+def test_chat_multi_turn_prompt_keeps_history(clip, tiny_dir):
+    from pllava_fast.chat import Chat
+    from pllava_fast.pipeline import VideoPipeline
+
+    chat = Chat(VideoPipeline.from_pretrained(tiny_dir), clip)
+    first = chat.ask("What happens?", max_new_tokens=3)
+    chat.ask("And then?", max_new_tokens=3)
+    prompt = chat.conversation.get_prompt()
+    assert prompt.count("<image>") == 1 and "What happens?" in prompt and first in prompt
+    assert prompt.index("What happens?") < prompt.index("And then?")
+
+
+def test_bench(capsys, clip, tiny_dir):
+    assert cli.main(["bench", "--model", tiny_dir, "--video", clip, "--repeats", "1",
+                     "--max-new-tokens", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    names = [r["name"] for r in result["records"]]
+    assert "ttft" in names and "whole pipeline" in names and result["same_tokens"] is True
+
+
+def test_profile(tmp_path, clip, tiny_dir):
+    rc = cli.main(["profile", clip, "--model", tiny_dir, "--out", str(tmp_path / "p"),
+                   "--no-plots"])
+    assert rc == 0
+    assert any(name.endswith(".json") for _, _, files in os.walk(tmp_path / "p") for name in files)
+
+
+def test_console_script_and_errors(tmp_path, clip):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "pllava_fast", "chat", clip, "--model",
+                           str(tmp_path / "missing")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2 and "model directory not found" in proc.stderr
+    assert cli.main([]) == 2
