@@ -114,8 +114,13 @@ def sample_indices(num_frames_total: int, num_segments: int, *, fps: float | Non
         first = int(seg / 2)
         return [first + int(np.round(seg * i)) for i in range(k)]
 
-    if fps is None or not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+    try:
+        rate = float(fps)
+    except (TypeError, ValueError):
+        rate = math.nan
+    if not (math.isfinite(rate) and rate > 0):
         raise ValueError(f"time bounds need a positive finite fps, got fps={fps!r}")
+    fps = rate
     for name, t in (("start", start), ("end", end)):
         if t is not None and not (math.isfinite(t) and t >= 0):
             raise ValueError(f"{name} must be a finite time >= 0 seconds, got {t!r}")
