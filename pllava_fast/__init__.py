@@ -18,10 +18,15 @@ _EXPORTS = {
     "frames_to_pixel_values": "preprocess",
     "sample_indices": "video",
     "read_video": "video",
+    "read_videos": "video",
+    "DecodedVideo": "video",
+    "VideoDecodeError": "video",
+    "profile_videos": "profile",
 }
 _SUBMODULES = {
     "ops", "config", "model", "reference", "projector", "video", "preprocess", "conversation",
-    "kv_cache", "attention", "patching", "profile", "testing", "cli", "demo", "caption",
+    "kv_cache", "attention", "patching", "profile", "plots", "testing", "cli", "demo", "caption",
+    "pipeline", "chat", "bench", "loading",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
