@@ -107,7 +107,7 @@ def _pool_visual_tokens_op(
 
 
 @_pool_visual_tokens_op.register_kernel("cuda")
-def _(x, num_frames, frame_h, frame_w, pool_t, pool_h, pool_w, act, return_norms):
+def _pool_visual_tokens_cuda(x, num_frames, frame_h, frame_w, pool_t, pool_h, pool_w, act, return_norms):
     args = (x, num_frames, (frame_h, frame_w), (pool_t, pool_h, pool_w), act, return_norms)
     if x.dtype in _TRITON_DTYPES:
         from pllava_fast.kernels.pooling import _pool_visual_tokens
@@ -186,7 +186,7 @@ def _token_norms_op(x: Tensor) -> Tensor:
 
 
 @_token_norms_op.register_kernel("cuda")
-def _(x):
+def _token_norms_cuda(x):
     if x.dtype not in _TRITON_DTYPES:
         return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
     from pllava_fast.kernels.norms import _token_norms
@@ -223,7 +223,7 @@ def _norm_row_stats_op(norms: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor
 
 
 @_norm_row_stats_op.register_kernel("cuda")
-def _(norms, threshold):
+def _norm_row_stats_cuda(norms, threshold):
     from pllava_fast.kernels.norms import _norm_row_stats
 
     return _norm_row_stats(norms, threshold)

@@ -128,3 +128,12 @@ def test_cuda_norms(dtype):
     want = norm_row_stats_ref(_ref_norms(x), torch.full((16,), 32.0, device="cuda"))
     torch.testing.assert_close(stats.mean, want[0], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(stats.max, want[1], atol=1e-4, rtol=1e-5)
+
+
+def test_cuda_registrations_on_interpreter():
+    """The functions registered for CUDA, run on CPU tensors through the Triton interpreter."""
+    x = torch.randn(2, 9, 33)
+    torch.testing.assert_close(ops._token_norms_cuda(x), _ref_norms(x), atol=1e-5, rtol=1e-5)
+    norms, thr = torch.rand(3, 17), torch.full((3,), 0.5)
+    for got, want in zip(ops._norm_row_stats_cuda(norms, thr), norm_row_stats_ref(norms, thr)):
+        torch.testing.assert_close(got, want)

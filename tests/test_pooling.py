@@ -159,6 +159,18 @@ def test_opcheck_pool(dtype, return_norms):
     torch.library.opcheck(ops._pool_visual_tokens_op, (x, 4, 6, 6, 3, 4, 5, "gelu", return_norms))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_registration_on_interpreter(dtype):
+    """The function registered for CUDA, run on CPU tensors (Triton interpreter; fp64 -> torch)."""
+    x = torch.randn(8, 36, 24, dtype=dtype)
+    want, want_norms = _expected(x, 4, (6, 6), (3, 4, 5))
+    pooled, norms = ops._pool_visual_tokens_cuda(x, 4, 6, 6, 3, 4, 5, "gelu", True)
+    torch.testing.assert_close(pooled.float(), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(norms, want_norms, atol=1e-5, rtol=1e-5)
+    pooled, empty = ops._pool_visual_tokens_cuda(x, 4, 6, 6, 3, 4, 5, "gelu", False)
+    assert pooled.dtype == dtype and empty.shape == (0,) and empty.dtype == torch.float32
+
+
 class _Projector(torch.nn.Module):
     """linear_1 -> fused act + pool -> linear_2, the fast projector order."""
 
