@@ -152,8 +152,8 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
                   optional=model.unused_vision_weights())
         if tied:
             model.language_model.lm_head.weight = model.language_model.get_input_embeddings().weight
-        if dtype is not None:
-            model.to(dtype)
+        # params were built in dtype; a blanket .to(dtype) would also round fp32 buffers
+        # (rotary inv_freq) that transformers keeps in fp32
         if os.path.isfile(os.path.join(path, "generation_config.json")):
             model.generation_config = GenerationConfig.from_pretrained(path)
         if model.generation_config.pad_token_id is None:

@@ -7,7 +7,6 @@ with the default (16, 12, 12) pool over a (16, 24, 24) grid.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from . import ops

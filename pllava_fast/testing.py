@@ -2,8 +2,8 @@
 
 Real architecture (CLIP vision tower, 2-layer projector, Llama/Mistral LM), small widths, random
 weights scaled so that next-token logits are well separated (greedy decoding is then stable under
-float rounding), and a small byte-level-free BPE tokenizer built locally with ``tokenizers``: nothing
-is downloaded.
+float rounding), and a small Llama-style BPE tokenizer (Metaspace, <s> prepended, <image> and <pad>
+special) built locally with ``tokenizers``: nothing is downloaded.
 """
 from __future__ import annotations
 
