@@ -97,7 +97,7 @@ def _rename(name: str) -> str:
 def merge_lora(state: dict[str, Tensor], lora_alpha: float = 4.0) -> dict[str, Tensor]:
     """Rename peft/new-layout names to PLLaVA's and fold LoRA pairs into their base weights.
 
-    ``W += (lora_alpha / r) * B @ A`` computed in fp32 and cast back to W's dtype; r = A.shape[0].
+    ``W += (lora_alpha / r) * B @ A`` computed and returned in (at least) fp32; r = A.shape[0].
     """
     plain: dict[str, Tensor] = {}
     lora: dict[str, dict[str, Tensor]] = {}
@@ -118,7 +118,9 @@ def merge_lora(state: dict[str, Tensor], lora_alpha: float = 4.0) -> dict[str, T
                 f"LoRA shapes do not fit {target}: base {tuple(w.shape)}, lora_A {tuple(a.shape)}, "
                 f"lora_B {tuple(b.shape)}")
         scale = float(lora_alpha) / a.shape[0]
-        plain[target] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+        # kept in at least fp32: the copy into the model rounds once, to the model's dtype
+        merged = w.float() + scale * (b.float() @ a.float())
+        plain[target] = merged.to(torch.promote_types(w.dtype, torch.float32))
     return plain
 
 

@@ -194,3 +194,18 @@ def test_unused_vision_weights_may_be_absent(tmp_path):
     _corrupt(path, lambda s: s.pop("vision_tower.vision_model.encoder.layers.1.mlp.fc1.bias"))
     with pytest.raises(CheckpointError, match="layers.1.mlp.fc1.bias"):
         PllavaForConditionalGeneration.from_pretrained(path)
+
+
+def test_bf16_lora_checkpoint_merges_in_fp32(tmp_path):
+    """A bf16 checkpoint loaded in fp32 equals the unmerged fp32 computation (one rounding only)."""
+    path = save_tiny_pllava(tmp_path, lora_rank=4)
+    _corrupt(path, lambda s: s.update({k: v.bfloat16() for k, v in s.items()}))
+    state = _saved(path)
+    model = PllavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    base = "language_model.base_model.model.model.layers.0.self_attn.v_proj"
+    w, a, b = (state[base + s].float() for s in (".base_layer.weight", ".lora_A.default.weight",
+                                                 ".lora_B.default.weight"))
+    x = torch.randn(3, w.shape[1])
+    unmerged = x @ w.T + (4.0 / 4) * (x @ a.T @ b.T)
+    v_proj = model.language_model.model.layers[0].self_attn.v_proj
+    torch.testing.assert_close(v_proj(x), unmerged, rtol=1e-5, atol=1e-5)
