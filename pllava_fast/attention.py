@@ -1,7 +1,7 @@
 """Attention backends for the LLM, plugged into transformers' attention registry.
 
 ``install_attention(model)`` points the language model's config at a registered attention function
-(``"pllava_fast"``, or ``"pllava_fast_sdpa"`` / ``"pllava_fast_flash"`` to force a backend), so the
+(``"pllava_fast"``, or ``"pllava_fast_sdpa"`` / ``"pllava_fast_fa"`` to force a backend), so the
 transformers Llama / Mistral modules run unchanged. Per call:
 
 * K/V from a ``QuantizedKVCache`` (a ``QuantizedKV`` handle): one new token -> the fused
@@ -29,7 +29,8 @@ from . import ops
 from .kv_cache import QuantizedKV
 
 BACKENDS = ("auto", "flash", "sdpa")
-ATTENTION_NAMES = {"auto": "pllava_fast", "flash": "pllava_fast_flash", "sdpa": "pllava_fast_sdpa"}
+# no "flash" in the names: transformers gives any such name its own flash-attn loading path
+ATTENTION_NAMES = {"auto": "pllava_fast", "flash": "pllava_fast_fa", "sdpa": "pllava_fast_sdpa"}
 
 
 @functools.lru_cache(maxsize=None)
