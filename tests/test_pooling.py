@@ -176,6 +176,15 @@ def test_cuda_registration_on_interpreter(dtype):
     assert pooled.dtype == dtype and empty.shape == (0,) and empty.dtype == torch.float32
 
 
+def test_opcheck_pool_identity_no_pooling():
+    """Identity activation with the output grid equal to the input grid: still a fresh tensor."""
+    x = torch.randn(8, 36, 24)
+    torch.library.opcheck(ops._pool_visual_tokens_op, (x, 4, 6, 6, 4, 6, 6, "identity", False))
+    out = ops.pool_visual_tokens(x, 4, (6, 6), (4, 6, 6), "identity")
+    torch.testing.assert_close(out, x.view(2, 144, 24), atol=0, rtol=0)
+    assert out.data_ptr() != x.data_ptr()
+
+
 class _Projector(torch.nn.Module):
     """linear_1 -> fused act + pool -> linear_2, the fast projector order."""
 
