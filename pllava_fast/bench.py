@@ -1,7 +1,7 @@
 """``pllava-fast bench``: the original-style pipeline against pllava-fast, stage by stage.
 
-Original-style (as PLLaVA's demo and evaluation scripts run it): every frame of the video decoded,
-the sampled ones turned into PIL images, PllavaProcessor-style preprocessing (Pillow resize + crop
+Original-style (as PLLaVA's demo runs it): every frame of the video decoded to RGB, the sampled
+ones turned into PIL images, PllavaProcessor-style preprocessing (Pillow resize + crop
 per frame, then transformers' ``CLIPImageProcessorPil``), and ``pllava_fast.reference`` (the whole
 CLIP tower with all hidden states, linear_2 before the 3-D pool, a DynamicCache decode loop).
 pllava-fast: ``VideoPipeline`` (sampled-frame decode to YUV, one batched preprocessing op, the
@@ -44,7 +44,8 @@ SHAPES = {
 
 # -- the original-style pipeline -------------------------------------------------------------------
 def original_decode(path, num_frames: int, *, start=None, end=None):
-    """Decode every frame of ``path`` (PyAV), keep PLLaVA's sampled ones as PIL images."""
+    """PLLaVA demo's reader: every frame of ``path`` decoded to RGB (as torchvision's
+    ``read_video`` does, PyAV's default threading), then the sampled ones as PIL images."""
     import av
     from PIL import Image
 
@@ -53,11 +54,11 @@ def original_decode(path, num_frames: int, *, start=None, end=None):
     with av.open(os.fspath(path)) as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate) if stream.average_rate else None
-        frames = list(container.decode(stream))
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
     if not frames:
         raise ValueError(f"{path}: no video frames")
     idx = sample_indices(len(frames), num_frames, fps=fps, start=start, end=end)
-    return [Image.fromarray(frames[i].to_ndarray(format="rgb24")) for i in idx]
+    return [Image.fromarray(frames[i]) for i in idx]
 
 
 def original_preprocess(images, image_size: int, processor=None) -> torch.Tensor:
