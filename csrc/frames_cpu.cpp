@@ -7,31 +7,74 @@
 
 #include "frames.h"
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace pllava_fast {
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-// One binary for every x86-64 CPU, the int32 multiply-accumulate loops in AVX2 where present.
+// One binary for every x86-64 CPU: the int32 multiply-accumulate loops use AVX2 where present
+// (explicit intrinsics for the horizontal pass, compiler clones for the vertical one).
+#if defined(__GNUC__) && defined(__x86_64__)
+#define PF_X86_AVX2 1
+#else
+#define PF_X86_AVX2 0
+#endif
+#if PF_X86_AVX2 && !defined(__clang__)
 #define PF_MULTIVERSION __attribute__((target_clones("avx2", "default")))
 #else
 #define PF_MULTIVERSION
 #endif
 
 // One row of the horizontal pass. src: padded RGBX row (taps past the image read zeros with zero
-// weight); k4: (n, ksize * 4) weights repeated per channel; ksize is even.
-PF_MULTIVERSION void hpass_row(const uint8_t* src, const int32_t* xmin, const int32_t* k4, int n,
-                               int ksize, uint8_t* dst) {
+// weight); k4: (n, ksize * 4) weights repeated per channel; ksize is even, so a pixel's taps are
+// whole 8-lane vectors (lanes l and l + 4 hold the same channel).
+void hpass_row_scalar(const uint8_t* src, const int32_t* xmin, const int32_t* k4, int n,
+                      int ksize, uint8_t* dst) {
   const int span = ksize * 4;
   for (int x = 0; x < n; ++x) {
     const uint8_t* s = src + (size_t)xmin[x] * 4;
     const int32_t* k = k4 + (size_t)x * span;
-    int32_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int j = 0; j < span; j += 8) {
-      for (int l = 0; l < 8; ++l) acc[l] += (int32_t)s[j + l] * k[j + l];
-    }
-    for (int c = 0; c < 3; ++c) dst[x * 4 + c] = clip8(resample_init() + acc[c] + acc[c + 4]);
+    int32_t acc[4] = {0, 0, 0, 0};
+    for (int j = 0; j < span; j += 4)
+      for (int c = 0; c < 3; ++c) acc[c] += (int32_t)s[j + c] * k[j + c];
+    for (int c = 0; c < 3; ++c) dst[x * 4 + c] = clip8(resample_init() + acc[c]);
     dst[x * 4 + 3] = 0;
   }
+}
+
+#if PF_X86_AVX2
+__attribute__((target("avx2"))) void hpass_row_avx2(const uint8_t* src, const int32_t* xmin,
+                                                   const int32_t* k4, int n, int ksize,
+                                                   uint8_t* dst) {
+  const int span = ksize * 4;
+  for (int x = 0; x < n; ++x) {
+    const uint8_t* s = src + (size_t)xmin[x] * 4;
+    const int32_t* k = k4 + (size_t)x * span;
+    __m256i acc = _mm256_setzero_si256();
+    for (int j = 0; j < span; j += 8) {
+      const __m256i px = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(s + j)));
+      const __m256i kk = _mm256_loadu_si256((const __m256i*)(k + j));
+      acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(px, kk));
+    }
+    const __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(acc),
+                                      _mm256_extracti128_si256(acc, 1));
+    alignas(16) int32_t lanes[4];
+    _mm_store_si128((__m128i*)lanes, sum);
+    for (int c = 0; c < 3; ++c) dst[x * 4 + c] = clip8(resample_init() + lanes[c]);
+    dst[x * 4 + 3] = 0;
+  }
+}
+#endif
+
+void hpass_row(const uint8_t* src, const int32_t* xmin, const int32_t* k4, int n, int ksize,
+               uint8_t* dst) {
+#if PF_X86_AVX2
+  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  if (has_avx2) return hpass_row_avx2(src, xmin, k4, n, ksize, dst);
+#endif
+  hpass_row_scalar(src, xmin, k4, n, ksize, dst);
 }
 
 // One output row of the vertical pass over len bytes: dst[i] = sum_j k[j] * rows[j][i].
