@@ -94,8 +94,10 @@ def _pool_visual_tokens_torch(x, num_frames, frame_shape, pooling_shape, act, re
                              y.reshape(rows, size_in, -1))
         rows *= size_out
     pooled = y.reshape(b, pt * ph * pw, c).to(x.dtype)
-    # identity act and no pooled axis leave a view of x; an op's output must not alias its input
-    return (pooled.clone() if pooled.data_ptr() == x.data_ptr() else pooled), norms
+    if y is x:
+        # fp32, identity act and no pooled axis: a view of x, but an op's output must not alias
+        pooled = pooled.clone()
+    return pooled, norms
 
 
 @torch.library.custom_op("pllava_fast::pool_visual_tokens", mutates_args=())

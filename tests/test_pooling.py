@@ -205,9 +205,19 @@ def test_compile_fullgraph_through_projector():
     x = torch.randn(8, 36, 32)
     with torch.no_grad():
         want, want_norms = proj(x, 4)
-        got, norms = torch.compile(proj, fullgraph=True, backend="aot_eager")(x, 4)
+        got, norms = torch.compile(proj, fullgraph=True)(x, 4)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(norms, want_norms)
+
+
+def test_export_projector():
+    proj = _Projector(32, 64, (6, 6), (3, 4, 5)).eval()
+    x = torch.randn(8, 36, 32)
+    with torch.no_grad():  # inference: the custom op (with grad, the torch path is traced)
+        exported = torch.export.export(proj, (x, 4))
+        assert "pllava_fast.pool_visual_tokens" in str(exported.graph)
+        for got, want in zip(exported.module()(x, 4), proj(x, 4)):
+            torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("args,match", [
