@@ -145,10 +145,26 @@ def checkpoint_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _match_vision_layout(state: dict[str, Tensor], expected) -> dict[str, Tensor]:
-    if any(k.startswith(_VISION_FULL) for k in expected):
-        return state
-    return {(_VISION_FLAT + k[len(_VISION_FULL):] if k.startswith(_VISION_FULL) else k): v
-            for k, v in state.items()}
+    full = any(k.startswith(_VISION_FULL) for k in expected)
+    out = {}
+    for k, v in state.items():
+        if k.startswith(_VISION_FULL) and not full:
+            k = _VISION_FLAT + k[len(_VISION_FULL):]
+        elif k.startswith(_VISION_FLAT) and not k.startswith(_VISION_FULL) and full:
+            k = _VISION_FULL + k[len(_VISION_FLAT):]
+        out[k] = v
+    return out
+
+
+def save_checkpoint(model: torch.nn.Module, path: str, *, tied: Iterable[str] = ()) -> None:
+    """Write ``model``'s weights to ``path/model.safetensors`` under PLLaVA's names (tied copies
+    left out)."""
+    from safetensors.torch import save_file
+
+    tied = set(tied)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    save_file(checkpoint_names(state), os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
 
 
 def load_into(model: torch.nn.Module, state: dict[str, Tensor], *, source: str = "checkpoint",

@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import PllavaConfig
-from .loading import load_into, merge_lora, read_state_dict
+from .loading import load_into, merge_lora, read_state_dict, save_checkpoint
 from .projector import PllavaProjector
 
 _VISION_ATTN = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
@@ -146,11 +146,9 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         state = merge_lora(read_state_dict(path), lora_alpha=lora_alpha)
         with _fast_init(dtype):
             model = cls(config, attn_implementation=attn_implementation)
-        tied = ({"language_model.lm_head.weight"}
-                if getattr(config.text_config, "tie_word_embeddings", False) else set())
-        load_into(model, state, source=f"checkpoint {path!r}", tied=tied,
+        load_into(model, state, source=f"checkpoint {path!r}", tied=model._tied_names(),
                   optional=model.unused_vision_weights())
-        if tied:
+        if model._tied_names():
             model.language_model.lm_head.weight = model.language_model.get_input_embeddings().weight
         # params were built in dtype; a blanket .to(dtype) would also round fp32 buffers
         # (rotary inv_freq) that transformers keeps in fp32
@@ -161,6 +159,18 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         model.name_or_path = path
         model.eval()
         return model.to(device) if device is not None else model
+
+    def save_pretrained(self, path, **_):
+        """Write config.json, model.safetensors (PLLaVA's names) and generation_config.json."""
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        self.config.save_pretrained(path)
+        self.generation_config.save_pretrained(path)
+        save_checkpoint(self, path, tied=self._tied_names())
+
+    def _tied_names(self) -> set[str]:
+        tied = getattr(self.config.text_config, "tie_word_embeddings", False)
+        return {"language_model.lm_head.weight"} if tied else set()
 
     def _init_weights(self, module):
         # only tiny test models are built from scratch; the submodels init themselves

@@ -209,3 +209,17 @@ def test_bf16_lora_checkpoint_merges_in_fp32(tmp_path):
     unmerged = x @ w.T + (4.0 / 4) * (x @ a.T @ b.T)
     v_proj = model.language_model.model.layers[0].self_attn.v_proj
     torch.testing.assert_close(v_proj(x), unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_pretrained_writes_pllava_layout(tmp_path, tie):
+    model = PllavaForConditionalGeneration.from_pretrained(
+        save_tiny_pllava(tmp_path / "src", tie_word_embeddings=tie))
+    model.save_pretrained(tmp_path / "out")
+    names = set(_saved(tmp_path / "out"))
+    assert "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight" in names
+    assert ("language_model.lm_head.weight" in names) != tie
+    again = PllavaForConditionalGeneration.from_pretrained(tmp_path / "out")
+    _assert_weights_equal(again, checkpoint_names(model.state_dict()))
+    _, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
