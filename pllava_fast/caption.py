@@ -322,6 +322,9 @@ def configure_parser(parser: argparse.ArgumentParser):
                         help="dataset mode: redo inputs whose earlier row is an error")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: per rank)")
     parser.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32")
+    parser.add_argument("--device-map", default=None,
+                        help="split one model over this process's GPUs with accelerate: auto | "
+                             "balanced | sequential (e.g. the 34B model)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="tqdm progress bar on stderr (default: when stderr is a terminal)")
 
@@ -344,6 +347,7 @@ def load_pipeline(args, device):
 
     return VideoPipeline.from_pretrained(
         args.model, device=device, dtype=args.dtype, kv_cache=args.kv_cache,
+        device_map=getattr(args, "device_map", None),
         num_frames=args.num_frames, pooling_shape=parse_pooling(getattr(args, "pooling", None)))
 
 

@@ -48,6 +48,28 @@ def generate_cache_kwarg(model) -> str:
     return cache_kwarg_name(getattr(model, "language_model", None) or model)
 
 
+def dispatch(model, device_map, max_memory=None):
+    """Place ``model``'s modules on devices with accelerate (``device_map`` as in transformers:
+    "auto" / "balanced" / "balanced_low_0" / "sequential" or an explicit {module: device} dict).
+    Decoder and encoder layers are never split; accelerate's hooks move activations between
+    devices, so ``generate()`` works unchanged."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            raise ValueError(f"device_map must be 'auto', 'balanced', 'balanced_low_0', "
+                             f"'sequential' or a dict, got {device_map!r}")
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(
+                model, max_memory=max_memory, no_split_module_classes=no_split,
+                low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                           no_split_module_classes=no_split)
+    return dispatch_model(model, device_map=device_map)
+
+
 class StageTimer:
     """Accumulates wall time per named stage.
 
@@ -204,18 +226,27 @@ class VideoPipeline:
 
     @classmethod
     def from_pretrained(cls, model_dir, *, device="cpu", dtype="auto", kv_cache="bf16",
-                        attn_implementation: str | None = None, **kwargs) -> "VideoPipeline":
-        """Load ``model_dir`` (PLLaVA checkpoint layout + tokenizer) onto ``device``."""
+                        attn_implementation: str | None = None, device_map=None,
+                        max_memory=None, **kwargs) -> "VideoPipeline":
+        """Load ``model_dir`` (PLLaVA checkpoint layout + tokenizer) onto ``device``.
+
+        ``device_map`` ("auto", "balanced", "sequential" or a {module name: device} dict) splits the
+        model over several devices with accelerate instead (e.g. the 34B model over GPUs);
+        ``max_memory`` ({device: "40GiB"}) bounds each device for the automatic maps.
+        """
         from .conversation import load_tokenizer
         from .model import PllavaForConditionalGeneration
 
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model directory not found: {model_dir}")
         device = torch.device(device)
+        if device_map is not None and device.type == "cpu" and torch.cuda.is_available():
+            device = torch.device("cuda")  # the dtype of a split model follows its GPUs
         load_kwargs = {"torch_dtype": resolve_dtype(dtype, device)}
         if attn_implementation:
             load_kwargs["attn_implementation"] = attn_implementation
-        model = PllavaForConditionalGeneration.from_pretrained(model_dir, **load_kwargs).to(device)
+        model = PllavaForConditionalGeneration.from_pretrained(model_dir, **load_kwargs)
+        model = dispatch(model, device_map, max_memory) if device_map is not None else model.to(device)
         return cls(model, load_tokenizer(model_dir), kv_cache=kv_cache, **kwargs)
 
     # -- stages --------------------------------------------------------------------------------

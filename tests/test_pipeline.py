@@ -110,3 +110,18 @@ def test_stage_timer_accumulates():
     with timer.stage("a"):
         pass
     assert timer.counts["a"] == 2 and timer.seconds["a"] >= 0
+
+
+def test_device_map_dispatch_keeps_answers(model_dir, pipe, clips):
+    """A device map through accelerate (here every module on the one CPU: no GPUs to split over)
+    leaves generate() and its answers unchanged."""
+    split = VideoPipeline.from_pretrained(
+        model_dir, device_map={"vision_tower": "cpu", "multi_modal_projector": "cpu",
+                               "language_model": "cpu"})
+    want = pipe(clips[:1], QUESTION, max_new_tokens=6)
+    got = split(clips[:1], QUESTION, max_new_tokens=6)
+    assert torch.equal(got.sequences, want.sequences)
+    auto = VideoPipeline.from_pretrained(model_dir, device_map="auto")
+    assert auto(clips[:1], QUESTION, max_new_tokens=6).texts == want.texts
+    with pytest.raises(ValueError, match="device_map"):
+        VideoPipeline.from_pretrained(model_dir, device_map="everywhere")
