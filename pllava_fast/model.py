@@ -345,9 +345,13 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         kwargs.pop("cache_position", None)  # positions of the un-expanded ids: recomputed below
         merged_mask = None
+        device = self.get_input_embeddings().weight.device
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
+            input_ids = input_ids.to(device)
+            if attention_mask is not None:
+                attention_mask = attention_mask.to(device)
             if pixel_values is not None:
                 pixel_values, frames_per_video = self._video_layout(
                     pixel_values, frames_per_video, media_type)
