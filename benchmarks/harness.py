@@ -99,8 +99,15 @@ def time_fn(fn: Callable, *, device="cpu", warmup: int = 2, repeats: int = 10) -
 def compare(name: str, baseline: Callable, ours: Callable, *, device="cpu", bytes_moved=None,
             flops=None, warmup=2, repeats=10, **extra) -> dict:
     """Time baseline and ours in the same run; return a record with the ratio and peak fractions."""
-    t_base = time_fn(baseline, device=device, warmup=warmup, repeats=repeats)
-    t_ours = time_fn(ours, device=device, warmup=warmup, repeats=repeats)
+    # interleave the repeats so load drifting during the run hits both sides alike
+    for _ in range(warmup):
+        baseline()
+        ours()
+    base_times, our_times = [], []
+    for _ in range(repeats):
+        base_times.append(time_fn(baseline, device=device, warmup=0, repeats=1))
+        our_times.append(time_fn(ours, device=device, warmup=0, repeats=1))
+    t_base, t_ours = statistics.median(base_times), statistics.median(our_times)
     rec = {"name": name, "baseline_s": t_base, "ours_s": t_ours, "speedup": t_base / t_ours, **extra}
     gbps_peak, tflops_peak = device_peaks(device)
     if bytes_moved is not None:
