@@ -19,7 +19,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import RESULTS_DIR, write_results  # noqa: E402
+from harness import write_results  # noqa: E402
 
 from pllava_fast import bench  # noqa: E402
 from pllava_fast.demo import make_clip  # noqa: E402

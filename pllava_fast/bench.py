@@ -119,8 +119,6 @@ class OriginalPipeline:
 def build_pipeline(model_dir=None, *, shape="tiny", device="cpu", dtype="auto",
                    kv_cache="bf16", num_frames=None) -> VideoPipeline:
     """A pipeline on a checkpoint directory, the tiny random model, or random weights of a shape."""
-    from .conversation import load_tokenizer
-
     if model_dir is not None:
         return VideoPipeline.from_pretrained(model_dir, device=device, dtype=dtype,
                                              kv_cache=kv_cache, num_frames=num_frames)
