@@ -326,6 +326,8 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         inputs_embeds: Tensor | None = None,
         frames_per_video: Sequence[int] | None = None,
         media_type: str | None = None,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | Tensor = 0,
         labels: Tensor | None = None,
@@ -342,6 +344,11 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """
         if labels is not None:
             raise ValueError("labels are not supported: pllava-fast is an inference package")
+        for name, value in (("vision_feature_layer", vision_feature_layer),
+                            ("vision_feature_select_strategy", vision_feature_select_strategy)):
+            if value is not None and value != getattr(self.config, name):
+                raise ValueError(f"{name}={value!r} differs from the config's "
+                                 f"{getattr(self.config, name)!r}: set it in the config instead")
         cache = cache if cache is not None else past_key_values
         kwargs.pop("cache_position", None)  # positions of the un-expanded ids: recomputed below
         merged_mask = None
