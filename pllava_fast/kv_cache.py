@@ -335,3 +335,20 @@ def make_cache(kind: str, config=None, **opts) -> Cache:
     if bits is None:
         raise ValueError(f"unknown cache kind {kind!r}; expected one of {CACHE_KINDS}")
     return QuantizedKVCache(config, bits=bits, **opts)
+
+
+@torch.no_grad()
+def teacher_forced_logits(model, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
+                          cache: Cache) -> Tensor:
+    """Prefill ``input_ids[:, :prompt_len]``, then feed the given tokens one at a time.
+
+    Returns (B, T - prompt_len, V) next-token logits; two caches compared on the same tokens give
+    the per-step argmax agreement, free of the divergence of free-running greedy decoding.
+    """
+    out = model(input_ids=input_ids[:, :prompt_len], attention_mask=attention_mask[:, :prompt_len],
+                cache=cache)
+    logits = [out.logits[:, -1]]
+    for t in range(prompt_len, input_ids.shape[1] - 1):
+        out = model(input_ids=input_ids[:, t:t + 1], attention_mask=attention_mask[:, :t + 1], cache=cache)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)

@@ -442,10 +442,56 @@ def quantize_kv(x: Tensor, bits: int = 4, group_size: int = 64, key_block: int =
     return _quantize_kv_op(x.contiguous(), int(bits), int(group_size), int(key_block))
 
 
+def _code_planes(codes: Tensor, q: Tensor, bits: int):
+    """(float code plane, matching channels of q) pairs: int4 -> even (low nibble) and odd (high
+    nibble) channels, int8 -> all channels."""
+    if bits == 4:
+        return ((codes & 15).float(), q[..., 0::2]), ((codes >> 4).float(), q[..., 1::2])
+    return ((codes.float(), q),)
+
+
+def _grouped(x: Tensor, groups: int, width: int) -> Tensor:
+    """(..., L) -> (..., groups, width), zero-padding a partial last group."""
+    pad = groups * width - x.shape[-1]
+    return (F.pad(x, (0, pad)) if pad else x).unflatten(-1, (groups, width))
+
+
+def _token_group_scores(qg, codes, scale, zero, bits, group):
+    # q . (c * s + z) per group = s * (q . c) + z * sum(q): no dequantized K is formed
+    ng = scale.shape[-1]
+    width = group // 2 if bits == 4 else group
+    dots = sum(torch.einsum("bhrnw,bhtnw->bhrtn", _grouped(qp, ng, width), _grouped(c, ng, width))
+               for c, qp in _code_planes(codes, qg, bits))
+    qsum = _grouped(qg, ng, group).sum(-1)
+    return (dots * scale[:, :, None]).sum(-1) + torch.einsum("bhrn,bhtn->bhrt", qsum, zero)
+
+
+def _channel_scores(qg, codes, scale, zero, bits, block):
+    # per-channel scales are constant over a block of tokens: fold them into q per block
+    qs = qg[:, :, :, None, :] * scale[:, :, None]  # (B, H, R, blocks, D)
+    dots = sum(torch.einsum("bhrnd,bhnkd->bhrnk", qp, c.unflatten(2, (-1, block)))
+               for c, qp in _code_planes(codes, qs, bits))
+    dots = dots + torch.einsum("bhrd,bhnd->bhrn", qg, zero)[..., None]
+    return dots.flatten(-2)
+
+
+def _token_group_values(p, codes, scale, zero, bits, group, d):
+    # sum_t p (c * s + z) per group = sum_t (p * s) c + sum_t p z: no dequantized V is formed
+    ng = scale.shape[-1]
+    width = group // 2 if bits == 4 else group
+    ps = p[..., None] * scale[:, :, None]  # (B, H, R, T, groups)
+    zsum = torch.einsum("bhrt,bhtn->bhrn", p, zero)[..., None]
+    planes = [(torch.einsum("bhrtn,bhtnw->bhrnw", ps, _grouped(c, ng, width)) + zsum).flatten(-2)
+              for c, _ in _code_planes(codes, p, bits)]
+    if bits == 4:
+        return torch.stack([planes[0][..., : d // 2], planes[1][..., : d // 2]], dim=-1).flatten(-2)
+    return planes[0][..., :d]
+
+
 def _decode_attention_torch(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win,
                             kv_mask, bits, group_size, key_block, sm_scale, chunk=1024):
-    """CPU path: online softmax over chunks, dequantizing one chunk of codes at a time."""
-    _, da = _kv_kernels()
+    """CPU path: online softmax over token chunks; scores and values are computed on the codes
+    with the scales folded in algebraically, so no dequantized K/V chunk is materialised."""
     b, hq, d = q.shape
     hkv, tq = k_codes.shape[1], k_codes.shape[2]
     qg = q.float().view(b, hkv, hq // hkv, d) * sm_scale
@@ -458,28 +504,33 @@ def _decode_attention_torch(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
     def blocks():
         for t0 in range(0, tq, chunk):
             t1 = min(t0 + chunk, tq)
+            kc, vc = k_codes[:, :, t0:t1], v_codes[:, :, t0:t1]
             if bits == 16:
-                k, v = k_codes[:, :, t0:t1].float(), v_codes[:, :, t0:t1].float()
+                k, v = kc.float(), vc.float()
+                yield (torch.einsum("bhrd,bhtd->bhrt", qg, k),
+                       lambda p, v=v: torch.einsum("bhrt,bhtd->bhrd", p, v), t0)
+                continue
+            if key_block:
+                ks = slice(t0 // key_block, t1 // key_block)
+                s = _channel_scores(qg, kc, k_scale[:, :, ks], k_zero[:, :, ks], bits, key_block)
             else:
-                ks = slice(t0 // key_block, -(-t1 // key_block)) if key_block else slice(t0, t1)
-                k = da.dequantize_kv_ref(k_codes[:, :, t0:t1], k_scale[:, :, ks], k_zero[:, :, ks],
-                                         bits, d, group_size, key_block)
-                v = da.dequantize_kv_ref(v_codes[:, :, t0:t1], v_scale[:, :, t0:t1],
-                                         v_zero[:, :, t0:t1], bits, d, group_size)
-            yield k, v, t0
+                s = _token_group_scores(qg, kc, k_scale[:, :, t0:t1], k_zero[:, :, t0:t1], bits, group_size)
+            vs, vz = v_scale[:, :, t0:t1], v_zero[:, :, t0:t1]
+            yield s, lambda p, vc=vc, vs=vs, vz=vz: _token_group_values(p, vc, vs, vz, bits, group_size, d), t0
         if k_win.shape[2]:
-            yield k_win.float(), v_win.float(), tq
+            v = v_win.float()
+            yield (torch.einsum("bhrd,bhtd->bhrt", qg, k_win.float()),
+                   lambda p: torch.einsum("bhrt,bhtd->bhrd", p, v), tq)
 
-    for k, v, t0 in blocks():
-        s = torch.einsum("bhrd,bhtd->bhrt", qg, k)
+    for s, values, t0 in blocks():
         if kv_mask is not None:
-            s = s.masked_fill(~kv_mask[:, None, None, t0:t0 + k.shape[2]], float("-inf"))
+            s = s.masked_fill(~kv_mask[:, None, None, t0:t0 + s.shape[-1]], float("-inf"))
         m_new = torch.maximum(m, s.amax(-1))
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
         alpha = torch.exp(m - m_safe)
         p = torch.exp(s - m_safe[..., None])
         l = l * alpha + p.sum(-1)
-        acc = acc * alpha[..., None] + torch.einsum("bhrt,bhtd->bhrd", p, v)
+        acc = acc * alpha[..., None] + values(p)
         m = m_new
     out = acc / torch.where(l > 0, l, torch.ones_like(l))[..., None]
     return out.view(b, hq, d).to(q.dtype)
@@ -538,6 +589,9 @@ def decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor
                                 tuple(kv_mask.shape) != (b, tq + k_win.shape[2])):
         raise ValueError(f"kv_mask must be bool (B, Tq + W) = ({b}, {tq + k_win.shape[2]}), "
                          f"got {kv_mask.dtype} {tuple(kv_mask.shape)}")
+    if key_block and tq % key_block:
+        raise ValueError(f"per-channel keys cover whole blocks: Tq={tq} is not a multiple of "
+                         f"key_block={key_block}")
     if bits == 16:
         k_scale = k_zero = v_scale = v_zero = q.new_empty(0, dtype=torch.float32)
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)

@@ -7,7 +7,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from pllava_fast.attention import install_attention
 from pllava_fast.kv_cache import (QuantizedKV, QuantizedKVCache, QuantizedKVLayer, bytes_per_token,
-                                  make_cache)
+                                  make_cache, teacher_forced_logits)
 
 TOY_MODEL = pathlib.Path(__file__).parent / "data" / "kv_cache_toy_llama"
 
@@ -71,16 +71,6 @@ def repeated_motifs(batch, length, vocab, seed):
         motif = torch.randint(0, vocab, (period,), generator=g)
         rows.append(motif.repeat(length // period + 1)[:length])
     return torch.stack(rows)
-
-
-@torch.no_grad()
-def teacher_forced_logits(model, ids, mask, prompt_len, cache):
-    out = model(input_ids=ids[:, :prompt_len], attention_mask=mask[:, :prompt_len], cache=cache)
-    logits = [out.logits[:, -1]]
-    for t in range(prompt_len, ids.shape[1] - 1):
-        out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache)
-        logits.append(out.logits[:, -1])
-    return torch.stack(logits, 1)
 
 
 @pytest.fixture(scope="module")
