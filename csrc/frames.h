@@ -45,6 +45,18 @@ inline AxisPlan make_axis_plan(int in_size, int out_size, int out_start, int n,
     hi = std::max(hi, xmin + cnt);
   }
   if (n == 0 || hi <= lo) lo = hi = 0;
+  // Pillow's ksize bounds the taps; the largest count used is often smaller (8 of 9 for a 2x
+  // downscale), so store only that many (rounded up) and save the padded multiply-adds.
+  int kmax = 1;
+  for (int i = 0; i < n; ++i) kmax = std::max(kmax, (int)p.count[i]);
+  kmax = (kmax + ksize_multiple - 1) / ksize_multiple * ksize_multiple;
+  if (kmax < p.ksize) {
+    std::vector<int32_t> packed((size_t)n * kmax);
+    for (int i = 0; i < n; ++i)
+      std::copy_n(p.k.begin() + (size_t)i * p.ksize, kmax, packed.begin() + (size_t)i * kmax);
+    p.k.swap(packed);
+    p.ksize = kmax;
+  }
   p.in_start = lo;
   p.in_len = hi - lo;
   for (int i = 0; i < n; ++i) p.xmin[i] -= lo;

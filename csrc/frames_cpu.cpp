@@ -77,6 +77,75 @@ void hpass_row(const uint8_t* src, const int32_t* xmin, const int32_t* k4, int n
   hpass_row_scalar(src, xmin, k4, n, ksize, dst);
 }
 
+// Source pixels [q0, q0 + n) of one YUV 4:2:0 row -> RGBX (X left as is).
+void yuv_row_scalar(const uint8_t* ys, const uint8_t* us, const uint8_t* vs, int q0, int n,
+                    const YuvCoeffs& yc, uint8_t* dst) {
+  for (int x = 0; x < n; ++x) {
+    const int sx = q0 + x;
+    yuv_to_rgb(yc, ys[sx], us[sx / 2], vs[sx / 2], &dst[x * 4], &dst[x * 4 + 1], &dst[x * 4 + 2]);
+  }
+}
+
+#if PF_X86_AVX2
+// 8 int32 -> 8 bytes clamped to 0..255 (saturating packs), as clamp_u8.
+__attribute__((target("avx2"))) inline __m128i to_u8(__m256i c) {
+  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+  return _mm_packus_epi16(w, _mm_setzero_si128());
+}
+
+// Same integer arithmetic as yuv_to_rgb, 8 pixels per step.
+__attribute__((target("avx2"))) void yuv_row_avx2(const uint8_t* ys, const uint8_t* us,
+                                                  const uint8_t* vs, int q0, int n,
+                                                  const YuvCoeffs& yc, uint8_t* dst) {
+  int x = 0;
+  if (q0 & 1) {  // start on a chroma pair
+    yuv_row_scalar(ys, us, vs, q0, 1, yc, dst);
+    x = 1;
+  }
+  const __m256i cy = _mm256_set1_epi32(yc.cy), yoff = _mm256_set1_epi32(yc.y_offset);
+  const __m256i crv = _mm256_set1_epi32(yc.crv), cgu = _mm256_set1_epi32(yc.cgu);
+  const __m256i cgv = _mm256_set1_epi32(yc.cgv), cbu = _mm256_set1_epi32(yc.cbu);
+  const __m256i half = _mm256_set1_epi32(1 << 15), c128 = _mm256_set1_epi32(128);
+  const __m128i zero = _mm_setzero_si128();
+  for (; x + 16 <= n; x += 16) {
+    const int sx = q0 + x;
+    const __m128i y16 = _mm_loadu_si128((const __m128i*)(ys + sx));
+    const __m128i u8 = _mm_loadl_epi64((const __m128i*)(us + sx / 2));
+    const __m128i v8 = _mm_loadl_epi64((const __m128i*)(vs + sx / 2));
+    const __m128i u16 = _mm_unpacklo_epi8(u8, u8), v16 = _mm_unpacklo_epi8(v8, v8);
+    for (int h = 0; h < 2; ++h) {
+      const __m128i yb = h ? _mm_srli_si128(y16, 8) : y16;
+      const __m128i ub = h ? _mm_srli_si128(u16, 8) : u16;
+      const __m128i vb = h ? _mm_srli_si128(v16, 8) : v16;
+      const __m256i Y = _mm256_cvtepu8_epi32(yb);
+      const __m256i U = _mm256_sub_epi32(_mm256_cvtepu8_epi32(ub), c128);
+      const __m256i V = _mm256_sub_epi32(_mm256_cvtepu8_epi32(vb), c128);
+      const __m256i yt = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_sub_epi32(Y, yoff), cy), half);
+      const __m256i R = _mm256_srai_epi32(_mm256_add_epi32(yt, _mm256_mullo_epi32(crv, V)), 16);
+      const __m256i G = _mm256_srai_epi32(
+          _mm256_sub_epi32(_mm256_sub_epi32(yt, _mm256_mullo_epi32(cgu, U)),
+                           _mm256_mullo_epi32(cgv, V)), 16);
+      const __m256i B = _mm256_srai_epi32(_mm256_add_epi32(yt, _mm256_mullo_epi32(cbu, U)), 16);
+      const __m128i rg = _mm_unpacklo_epi8(to_u8(R), to_u8(G));
+      const __m128i b0 = _mm_unpacklo_epi8(to_u8(B), zero);
+      uint8_t* o = dst + (size_t)(x + 8 * h) * 4;
+      _mm_storeu_si128((__m128i*)o, _mm_unpacklo_epi16(rg, b0));
+      _mm_storeu_si128((__m128i*)(o + 16), _mm_unpackhi_epi16(rg, b0));
+    }
+  }
+  if (x < n) yuv_row_scalar(ys, us, vs, q0 + x, n - x, yc, dst + (size_t)x * 4);
+}
+#endif
+
+void yuv_row(const uint8_t* ys, const uint8_t* us, const uint8_t* vs, int q0, int n,
+             const YuvCoeffs& yc, uint8_t* dst) {
+#if PF_X86_AVX2
+  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  if (has_avx2) return yuv_row_avx2(ys, us, vs, q0, n, yc, dst);
+#endif
+  yuv_row_scalar(ys, us, vs, q0, n, yc, dst);
+}
+
 // One output row of the vertical pass over len bytes: dst[i] = sum_j k[j] * rows[j][i].
 PF_MULTIVERSION void vpass_row(const uint8_t* src, size_t stride, const int32_t* k, int count,
                                int len, int32_t* acc, uint8_t* dst) {
@@ -134,11 +203,7 @@ void run_frames(const uint8_t* rgb, const uint8_t* y, const uint8_t* u, const ui
           const uint8_t* ys = y + ((size_t)t * H + sy) * W;
           const uint8_t* us = u + ((size_t)t * ch + sy / 2) * cw;
           const uint8_t* vs = v + ((size_t)t * ch + sy / 2) * cw;
-          for (int x = 0; x < qn; ++x) {
-            const int sx = q0 + x;
-            yuv_to_rgb(yc, ys[sx], us[sx / 2], vs[sx / 2], &dst[x * 4], &dst[x * 4 + 1],
-                       &dst[x * 4 + 2]);
-          }
+          yuv_row(ys, us, vs, q0, qn, yc, dst);
         }
         hpass_row(src_row.data(), fp.h1.xmin.data(), k4_h1.data(), acols, fp.h1.ksize,
                   a.data() + (size_t)r * acols * 4);
