@@ -210,17 +210,23 @@ def test_make_cache_kinds_and_errors():
         QuantizedKVLayer(bits=4).update(torch.randn(1, 1, 4, 15), torch.randn(1, 1, 4, 15))
 
 
-def test_tiny_pllava_fp_cache_matches_dynamic():
+def test_tiny_pllava_video_generate():
     testing = pytest.importorskip("pllava_fast.testing")
     if not hasattr(testing, "tiny_pllava"):
         pytest.skip("pllava_fast.testing.tiny_pllava not available yet")
-    model, _ = testing.tiny_pllava()
+    model, tok = testing.tiny_pllava()
     model = install_attention(model.eval())
-    lm = model.language_model
-    ids, mask = left_padded(2, 30, lm.config.vocab_size, [0, 4])
-    ref = greedy(lm, ids, mask, DynamicCache(), n=12)
-    out = greedy(lm, ids, mask, make_cache("fp", lm.config, window=4, block=8), n=12)
-    assert torch.equal(out, ref)
+    cfg = model.config
+    prompts = ["USER:<image> What is happening in the video? ASSISTANT:", "USER:<image> Describe it. ASSISTANT:"]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    pv = testing.random_pixel_values(2 * cfg.num_frames, cfg)
+    kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=cfg.pad_token_id)
+    ref = model.generate(**enc, pixel_values=pv, cache=DynamicCache(), **kw)
+    cache = make_cache("fp", cfg, window=4, block=8)
+    assert torch.equal(model.generate(**enc, pixel_values=pv, cache=cache, **kw), ref)
+    assert cache.layers[0].n_quant > 0
+    out = model.generate(**enc, pixel_values=pv, cache=make_cache("int8", cfg, window=4, block=8), **kw)
+    assert out.shape == ref.shape
 
 
 def train_toy_model(path=TOY_MODEL):
