@@ -110,8 +110,9 @@ def _decode_split_kernel(
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
+    # int64 offsets: batch x capacity strides exceed 2**31 at 32 x 32k tokens
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = (pid_bh % HKV).to(tl.int64)
     r = tl.arange(0, BLOCK_R)
     j = tl.arange(0, HALF)
     dmask = 2 * j < D

@@ -47,7 +47,8 @@ def _quantize_groups_kernel(
     # Tile (BLOCK_N rows, BLOCK_NG groups, G/2 channel pairs); even and odd channels are loaded
     # separately so int4 packing is a shift-or of two tiles, no interleave needed.
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    # int64 offsets: a long batched prefill appends more than 2**31 elements
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     grp = tl.arange(0, BLOCK_NG)
     pair = tl.arange(0, G // 2)
     r3 = rows[:, None, None]
@@ -75,7 +76,7 @@ def _quantize_channels_kernel(
 ):
     # One program per block of BLOCK tokens of one head: statistics per channel over the tokens.
     pid = tl.program_id(0)
-    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    rows = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     col_half = tl.arange(0, BLOCK_HALF)
     mask = (col_half[None, :] * 2 < D) & (rows[:, None] >= 0)
     r2 = rows[:, None]
@@ -87,10 +88,11 @@ def _quantize_channels_kernel(
     mn_o, mx_o = tl.min(xo, axis=0), tl.max(xo, axis=0)
     qmax = 2 ** BITS - 1
     sc_e, sc_o = (mx_e - mn_e) / qmax, (mx_o - mn_o) / qmax
-    tl.store(scale_ptr + pid * D + 2 * col_half, sc_e, mask=cmask)
-    tl.store(scale_ptr + pid * D + 2 * col_half + 1, sc_o, mask=cmask)
-    tl.store(zero_ptr + pid * D + 2 * col_half, mn_e, mask=cmask)
-    tl.store(zero_ptr + pid * D + 2 * col_half + 1, mn_o, mask=cmask)
+    srow = pid.to(tl.int64) * D
+    tl.store(scale_ptr + srow + 2 * col_half, sc_e, mask=cmask)
+    tl.store(scale_ptr + srow + 2 * col_half + 1, sc_o, mask=cmask)
+    tl.store(zero_ptr + srow + 2 * col_half, mn_e, mask=cmask)
+    tl.store(zero_ptr + srow + 2 * col_half + 1, mn_o, mask=cmask)
     qe = _codes(xe, mn_e[None, :], sc_e[None, :], qmax)
     qo = _codes(xo, mn_o[None, :], sc_o[None, :], qmax)
     _store_codes(codes_ptr, r2, c2, qe, qo, mask, D, BITS)
