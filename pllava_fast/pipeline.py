@@ -253,15 +253,17 @@ class VideoPipeline:
     def decode(self, sources: Sequence, *, start=None, end=None, timer: StageTimer | None = None):
         """Sample and decode ``num_frames`` frames of each source -> list of DecodedVideo.
 
-        ``sources`` may also hold already decoded videos, which pass through unchanged.
+        ``sources`` may also hold already decoded videos, which pass through unchanged. Several
+        files decode concurrently (``read_videos``' background threads; FFmpeg releases the GIL).
         """
-        from .video import DecodedVideo, read_video
+        from .video import DecodedVideo, read_videos
 
         timer = timer or StageTimer(self.device)
         with timer.stage("decode"):
-            return [s if isinstance(s, DecodedVideo) else
-                    read_video(os.fspath(s), num_frames=self.num_frames, start=start, end=end)
-                    for s in sources]
+            paths = [os.fspath(s) for s in sources if not isinstance(s, DecodedVideo)]
+            decoded = iter(read_videos(paths, self.num_frames, prefetch=max(0, min(len(paths) - 1, 3)),
+                                       start=start, end=end))
+            return [s if isinstance(s, DecodedVideo) else next(decoded) for s in sources]
 
     def preprocess(self, videos, *, timer: StageTimer | None = None) -> tuple[torch.Tensor, list[int]]:
         """Decoded videos -> (pixel_values (sum T, 3, S, S) on the model's device, frames per video)."""
