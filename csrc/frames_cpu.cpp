@@ -77,6 +77,36 @@ void hpass_row(const uint8_t* src, const int32_t* xmin, const int32_t* k4, int n
   hpass_row_scalar(src, xmin, k4, n, ksize, dst);
 }
 
+// n RGB pixels -> RGBX (X left as is).
+void rgb_row_scalar(const uint8_t* s, int n, uint8_t* dst) {
+  for (int x = 0; x < n; ++x) {
+    dst[x * 4 + 0] = s[x * 3 + 0];
+    dst[x * 4 + 1] = s[x * 3 + 1];
+    dst[x * 4 + 2] = s[x * 3 + 2];
+  }
+}
+
+#if PF_X86_AVX2
+__attribute__((target("avx2"))) void rgb_row_avx2(const uint8_t* s, int n, uint8_t* dst) {
+  // 4 pixels (12 bytes) -> 16 bytes with a zero X byte (index -1 -> 0)
+  const __m128i spread = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+  int x = 0;
+  for (; x + 6 <= n; x += 4) {  // 3 * (x + 6) >= 3 * x + 16: the 16-byte load stays in the row
+    const __m128i px = _mm_loadu_si128((const __m128i*)(s + x * 3));
+    _mm_storeu_si128((__m128i*)(dst + x * 4), _mm_shuffle_epi8(px, spread));
+  }
+  rgb_row_scalar(s + x * 3, n - x, dst + x * 4);
+}
+#endif
+
+void rgb_row(const uint8_t* s, int n, uint8_t* dst) {
+#if PF_X86_AVX2
+  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  if (has_avx2) return rgb_row_avx2(s, n, dst);
+#endif
+  rgb_row_scalar(s, n, dst);
+}
+
 // Source pixels [q0, q0 + n) of one YUV 4:2:0 row -> RGBX (X left as is).
 void yuv_row_scalar(const uint8_t* ys, const uint8_t* us, const uint8_t* vs, int q0, int n,
                     const YuvCoeffs& yc, uint8_t* dst) {
@@ -193,12 +223,7 @@ void run_frames(const uint8_t* rgb, const uint8_t* y, const uint8_t* u, const ui
         const int sy = fp.v1.in_start + r;
         uint8_t* dst = src_row.data();
         if (rgb != nullptr) {
-          const uint8_t* s = rgb + (((size_t)t * H + sy) * W + q0) * 3;
-          for (int x = 0; x < qn; ++x) {
-            dst[x * 4 + 0] = s[x * 3 + 0];
-            dst[x * 4 + 1] = s[x * 3 + 1];
-            dst[x * 4 + 2] = s[x * 3 + 2];
-          }
+          rgb_row(rgb + (((size_t)t * H + sy) * W + q0) * 3, qn, dst);
         } else {
           const uint8_t* ys = y + ((size_t)t * H + sy) * W;
           const uint8_t* us = u + ((size_t)t * ch + sy / 2) * cw;
