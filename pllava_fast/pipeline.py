@@ -261,8 +261,9 @@ class VideoPipeline:
         timer = timer or StageTimer(self.device)
         with timer.stage("decode"):
             paths = [os.fspath(s) for s in sources if not isinstance(s, DecodedVideo)]
-            decoded = iter(read_videos(paths, self.num_frames, prefetch=max(0, min(len(paths) - 1, 3)),
-                                       start=start, end=end))
+            ahead = max(0, min(len(paths) - 1, 3))
+            decoded = iter(read_videos(paths, self.num_frames, prefetch=ahead, start=start,
+                                       end=end))
             return [s if isinstance(s, DecodedVideo) else next(decoded) for s in sources]
 
     def preprocess(self, videos, *, timer: StageTimer | None = None) -> tuple[torch.Tensor, list[int]]:
