@@ -67,6 +67,7 @@ KERNEL_CASES = {
     "ctx129_channel_keys_pad": dict(b=2, tq=96, tw=33, hq=8, hkv=2, key_block=32, pads=[17, 0]),
     "ctx1000_pad": dict(b=2, tq=992, tw=8, hq=4, hkv=1, d=32, pads=[0, 333]),
     "fp_format": dict(b=2, tq=100, tw=5, hq=4, hkv=2, d=16, bits=16),
+    "yi34b_heads_56_8": dict(tq=64, tw=3, hq=56, hkv=8, d=128, group=128),
     "fp16": dict(tq=200, tw=16, hq=4, hkv=1, bits=8, dtype=torch.float16),
 }
 
