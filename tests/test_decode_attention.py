@@ -155,3 +155,10 @@ def test_bad_input(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         ops.decode_attention(**args)
+
+
+def test_traces_under_torch_compile():
+    args, *_ = make_inputs(b=2, tq=32, tw=3, hq=4, hkv=2, d=16, group=16, pads=[0, 5])
+    q = args.pop("q")
+    fn = torch.compile(lambda q: ops.decode_attention(q, **args), fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(q), ops.decode_attention(q, **args))

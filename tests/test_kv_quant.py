@@ -117,3 +117,10 @@ def test_op_cpu_matches_reference_and_opcheck(key_block):
 def test_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ops.quantize_kv(**kwargs)
+
+
+def test_traces_under_torch_compile():
+    x = torch.randn(32, 64)
+    fn = torch.compile(lambda x: ops.quantize_kv(x, bits=4, group_size=32), fullgraph=True, backend="eager")
+    for a, b in zip(fn(x), ops.quantize_kv(x, bits=4, group_size=32)):
+        assert torch.equal(a, b)
