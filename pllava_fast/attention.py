@@ -85,7 +85,7 @@ def _flash_forward(module, query, key, value, attention_mask, dropout, scaling, 
         return fa.flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=scaling, causal=causal)
     if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or q_len != kv_len or q_len == 1:
         return None
-    key_valid = attention_mask[:, 0, -1, :]
+    key_valid = attention_mask[:, 0, -1, :].expand(b, -1)
     if not _is_causal_padding_mask(attention_mask, key_valid):
         return None
     # left-padded prefill: unpad to variable-length sequences
@@ -108,7 +108,8 @@ def _quantized_forward(module, query, handle: QuantizedKV, attention_mask, dropo
             if attention_mask.dtype != torch.bool:
                 raise ValueError(
                     f"quantized decode needs a boolean attention mask (sdpa_mask), got {attention_mask.dtype}")
-            kv_mask = attention_mask[:, 0, -1, :]
+            # batch-broadcast masks (size-1 batch dim) are expanded: the op wants (B, L)
+            kv_mask = attention_mask[:, 0, -1, :].expand(query.shape[0], -1)
         out = ops.decode_attention(query[:, :, 0], kv_mask=kv_mask, sm_scale=scaling,
                                    **handle.decode_inputs())
         return out[:, None], None

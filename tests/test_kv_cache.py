@@ -55,6 +55,18 @@ def test_fp_format_beam_search_identical():
     assert torch.equal(out, ref)
 
 
+def test_mistral_sliding_window_fp_identical():
+    # sliding-window layers: the window comes through the mask, which decode attention reads
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16)
+    model = install_attention(MistralForCausalLM(cfg).eval())
+    ids, mask = left_padded(2, 30, 128, [0, 4])
+    ref = greedy(model, ids, mask, DynamicCache(config=cfg), n=12)
+    assert torch.equal(greedy(model, ids, mask, make_cache("fp", cfg, window=2, block=4), n=12), ref)
+
+
 def toy_model():
     if not TOY_MODEL.is_dir():
         pytest.skip(f"toy model not found at {TOY_MODEL} (python tests/test_kv_cache.py trains it)")
