@@ -114,6 +114,19 @@ def test_teacher_forced_agreement(agreement_setup, kind, key_quant, floor, capsy
     assert agree >= floor
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind,floor", [("fp", 1.0), ("int8", 0.99), ("int4", 0.95)])
+def test_teacher_forced_agreement_cuda_bf16(kind, floor):
+    # the Triton decode kernel and quantize kernels inside generation, bf16 on the GPU
+    model = toy_model().to("cuda", torch.bfloat16)
+    ids = repeated_motifs(20, 336, model.config.vocab_size, seed=5).cuda()
+    mask = torch.ones_like(ids)
+    ref = teacher_forced_logits(model, ids, mask, 320, DynamicCache()).argmax(-1)
+    cache = make_cache(kind, model.config, window=16, block=16, group_size=16)
+    agree = (teacher_forced_logits(model, ids, mask, 320, cache).argmax(-1) == ref).float().mean()
+    assert agree >= floor - (0.02 if kind == "fp" else 0)  # fp: bf16 summation-order ties
+
+
 @pytest.mark.parametrize("kind,bits", [("int8", 8), ("int4", 4)])
 def test_bytes_per_token_match_format(kind, bits):
     model = tiny_llama(head_dim=32, num_attention_heads=4)  # 2 layers, 2 KV heads
