@@ -75,9 +75,19 @@ def configure_parser(parser: argparse.ArgumentParser):
 def run(args) -> int:
     import torch
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = torch.get_num_threads()
+    try:
+        return _run(args, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, device) -> int:
+    import torch
+
     from .pipeline import VideoPipeline, format_timings
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="pllava-fast-demo-") as tmp:
         video = args.video
         if video is None:
@@ -88,6 +98,11 @@ def run(args) -> int:
         model_dir = args.model
         if model_dir is None:
             from .testing import save_tiny_pllava
+
+            if device == "cpu":
+                # a 64-wide model gains nothing from intra-op threads, and idle OpenMP threads
+                # spinning on a busy machine slow every small op down
+                torch.set_num_threads(1)
 
             model_dir = save_tiny_pllava(os.path.join(tmp, "tiny-pllava"))
         elif not os.path.isdir(model_dir):
