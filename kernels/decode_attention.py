@@ -19,8 +19,6 @@ Softmax statistics and accumulation are fp32; nothing is dequantized to memory.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -276,7 +274,3 @@ def decode_attention_ref(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     if kv_mask is not None:
         out = torch.where(kv_mask.any(-1)[:, None, None], out, torch.zeros_like(out))
     return out.to(q.dtype)
-
-
-def default_scale(d: int) -> float:
-    return 1.0 / math.sqrt(d)

@@ -3,8 +3,9 @@
 Format (shared by the cache, the decode-attention kernel and the references):
 
 * ``x`` is a ``(N, D)`` floating matrix: one row per (sequence, head, token).
+* ``D`` is even (all LLM head dims are): the kernels work on (even, odd) channel pairs.
 * ``bits=8``: ``codes`` is ``(N, D)`` uint8. ``bits=4``: ``codes`` is ``(N, D // 2)`` uint8 with two
-  codes per byte, ``byte[j] = code[2j] | code[2j + 1] << 4`` (``D`` must be even).
+  codes per byte, ``byte[j] = code[2j] | code[2j + 1] << 4``.
 * ``scale`` and ``zero`` are float32; ``x ~= code * scale + zero`` with ``code`` in ``[0, 2**bits - 1]``
   and ``code = floor((x - zero) / scale + 0.5)``, ``zero = min``, ``scale = (max - min) / (2**bits - 1)``
   over the group (``scale = 0`` for a constant group, whose codes are then 0).
@@ -103,8 +104,9 @@ def _check(x: Tensor, bits: int) -> None:
         raise ValueError(f"x must be a floating (N, D) matrix, got {x.dtype} {tuple(x.shape)}")
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if bits == 4 and x.shape[1] % 2:
-        raise ValueError(f"int4 packs two codes per byte: head dim must be even, got {x.shape[1]}")
+    if x.shape[1] % 2:
+        # the kernels work on (even, odd) channel pairs; int4 packs each pair into one byte
+        raise ValueError(f"KV quantization needs an even head dim, got {x.shape[1]}")
 
 
 def _code_width(d: int, bits: int) -> int:
@@ -138,8 +140,6 @@ def _quantize_channels(x: Tensor, bits: int, block: int):
     n, d = x.shape
     if block < 1 or block & (block - 1) or n % block:
         raise ValueError(f"channel block must be a power of two dividing the rows ({n}), got {block}")
-    if d % 2:
-        raise ValueError(f"channel quantization needs an even head dim, got {d}")
     x = x.contiguous()
     codes = torch.empty(n, _code_width(d, bits), dtype=torch.uint8, device=x.device)
     scale = torch.empty(n // block, d, dtype=torch.float32, device=x.device)

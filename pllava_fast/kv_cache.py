@@ -113,8 +113,8 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     # -- transformers CacheLayerMixin ---------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        if self.bits == 4 and key_states.shape[-1] % 2:
-            raise ValueError(f"int4 KV cache needs an even head dim, got {key_states.shape[-1]}")
+        if key_states.shape[-1] % 2:
+            raise ValueError(f"the quantized KV cache needs an even head dim, got {key_states.shape[-1]}")
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size = key_states.shape[0]
         self.keys = key_states[:, :, :0]

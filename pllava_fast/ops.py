@@ -419,7 +419,7 @@ def quantize_kv(x: Tensor, bits: int = 4, group_size: int = 64, key_block: int =
 
     Args:
         x: (N, D) floating, one row per (sequence, head, token).
-        bits: 8 or 4 (int4 packs two codes per byte; D must be even).
+        bits: 8 or 4 (int4 packs two codes per byte). D must be even.
         group_size: channels per scale group (power of two), for token groups.
         key_block: 0 for token groups; else KIVI-style per-channel groups over ``key_block``
             consecutive rows (a power of two dividing N).
@@ -433,8 +433,8 @@ def quantize_kv(x: Tensor, bits: int = 4, group_size: int = 64, key_block: int =
                          f"{tuple(getattr(x, 'shape', ()))}")
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if bits == 4 and x.shape[1] % 2:
-        raise ValueError(f"int4 packs two codes per byte: head dim must be even, got {x.shape[1]}")
+    if x.shape[1] % 2:
+        raise ValueError(f"KV quantization needs an even head dim, got {x.shape[1]}")
     if group_size < 2 or group_size & (group_size - 1):
         raise ValueError(f"group_size must be a power of two >= 2, got {group_size}")
     if key_block < 0 or (key_block and (key_block & (key_block - 1) or x.shape[0] % key_block)):
@@ -569,6 +569,8 @@ def decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor
     if q.dim() != 3:
         raise ValueError(f"q must be (B, Hq, D), got shape {tuple(q.shape)}")
     b, hq, d = q.shape
+    if d % 2:
+        raise ValueError(f"decode attention needs an even head dim, got {d}")
     if bits not in KV_BITS:
         raise ValueError(f"bits must be one of {KV_BITS}, got {bits}")
     for name, t in (("k_codes", k_codes), ("v_codes", v_codes), ("k_win", k_win), ("v_win", v_win)):

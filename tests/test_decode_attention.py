@@ -145,6 +145,7 @@ def test_opcheck():
 
 @pytest.mark.parametrize("change,match", [
     (dict(q=torch.randn(1, 4, 64, 1)), "q must be"),
+    (dict(q=torch.randn(1, 4, 63)), "even head dim"),
     (dict(q=torch.randn(1, 3, 64)), "multiple"),
     (dict(bits=3), "bits"),
     (dict(kv_mask=torch.ones(1, 5, dtype=torch.bool)), "kv_mask"),

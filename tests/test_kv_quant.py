@@ -109,6 +109,7 @@ def test_op_cpu_matches_reference_and_opcheck(key_block):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(x=torch.randn(4, 7), bits=4), "even"),
+    (dict(x=torch.randn(4, 7), bits=8), "even"),
     (dict(x=torch.randn(4, 8), bits=3), "bits"),
     (dict(x=torch.randn(4, 8), bits=8, group_size=24), "power of two"),
     (dict(x=torch.randn(6, 8), bits=8, key_block=4), "key_block"),
