@@ -135,7 +135,7 @@ __attribute__((target("avx2"))) void yuv_row_avx2(const uint8_t* ys, const uint8
   const __m256i cy = _mm256_set1_epi32(yc.cy), yoff = _mm256_set1_epi32(yc.y_offset);
   const __m256i crv = _mm256_set1_epi32(yc.crv), cgu = _mm256_set1_epi32(yc.cgu);
   const __m256i cgv = _mm256_set1_epi32(yc.cgv), cbu = _mm256_set1_epi32(yc.cbu);
-  const __m256i half = _mm256_set1_epi32(1 << 15), c128 = _mm256_set1_epi32(128);
+  const __m256i c128 = _mm256_set1_epi32(128);
   const __m128i zero = _mm_setzero_si128();
   for (; x + 16 <= n; x += 16) {
     const int sx = q0 + x;
@@ -147,15 +147,15 @@ __attribute__((target("avx2"))) void yuv_row_avx2(const uint8_t* ys, const uint8
       const __m128i yb = h ? _mm_srli_si128(y16, 8) : y16;
       const __m128i ub = h ? _mm_srli_si128(u16, 8) : u16;
       const __m128i vb = h ? _mm_srli_si128(v16, 8) : v16;
-      const __m256i Y = _mm256_cvtepu8_epi32(yb);
-      const __m256i U = _mm256_sub_epi32(_mm256_cvtepu8_epi32(ub), c128);
-      const __m256i V = _mm256_sub_epi32(_mm256_cvtepu8_epi32(vb), c128);
-      const __m256i yt = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_sub_epi32(Y, yoff), cy), half);
-      const __m256i R = _mm256_srai_epi32(_mm256_add_epi32(yt, _mm256_mullo_epi32(crv, V)), 16);
-      const __m256i G = _mm256_srai_epi32(
-          _mm256_sub_epi32(_mm256_sub_epi32(yt, _mm256_mullo_epi32(cgu, U)),
-                           _mm256_mullo_epi32(cgv, V)), 16);
-      const __m256i B = _mm256_srai_epi32(_mm256_add_epi32(yt, _mm256_mullo_epi32(cbu, U)), 16);
+      const __m256i Y = _mm256_slli_epi32(_mm256_sub_epi32(_mm256_cvtepu8_epi32(yb), yoff), 3);
+      const __m256i U = _mm256_slli_epi32(_mm256_sub_epi32(_mm256_cvtepu8_epi32(ub), c128), 3);
+      const __m256i V = _mm256_slli_epi32(_mm256_sub_epi32(_mm256_cvtepu8_epi32(vb), c128), 3);
+      const __m256i yp = _mm256_srai_epi32(_mm256_mullo_epi32(Y, cy), 16);
+      const __m256i R = _mm256_add_epi32(yp, _mm256_srai_epi32(_mm256_mullo_epi32(V, crv), 16));
+      const __m256i G = _mm256_add_epi32(
+          _mm256_add_epi32(yp, _mm256_srai_epi32(_mm256_mullo_epi32(U, cgu), 16)),
+          _mm256_srai_epi32(_mm256_mullo_epi32(V, cgv), 16));
+      const __m256i B = _mm256_add_epi32(yp, _mm256_srai_epi32(_mm256_mullo_epi32(U, cbu), 16));
       const __m128i rg = _mm_unpacklo_epi8(to_u8(R), to_u8(G));
       const __m128i b0 = _mm_unpacklo_epi8(to_u8(B), zero);
       uint8_t* o = dst + (size_t)(x + 8 * h) * 4;

@@ -31,13 +31,16 @@ enum ColorMatrix : int { kBT601 = 0, kBT709 = 1 };
 // ------------------------------------------------------------------------------------------------
 // YUV -> RGB
 // ------------------------------------------------------------------------------------------------
+// swscale's fixed point (its SIMD yuv2rgb path, which PyAV's rgb24 uses for 4:2:0 frames):
+// samples scaled by 8, coefficients by 2^13, each product floored by >> 16 (pmulhw), the terms
+// summed, then saturated to 0..255. Reproducing it makes the op's RGB equal FFmpeg's rgb24.
 struct YuvCoeffs {
-  int y_offset;  // 16 for limited range, 0 for full
-  int cy;        // luma gain, 16.16 fixed point
-  int crv, cgu, cgv, cbu;  // chroma gains, 16.16 fixed point (cgu, cgv are subtracted)
+  int y_offset;            // 16 for limited range, 0 for full
+  int cy;                  // luma gain * 2^13
+  int crv, cgu, cgv, cbu;  // chroma gains * 2^13 (cgu, cgv negative)
 };
 
-PF_HD int round_fixed16(double x) { return (int)floor(x * 65536.0 + 0.5); }
+PF_HD int round_fixed13(double x) { return (int)floor(x * 8192.0 + 0.5); }
 
 // Coefficients for Y'CbCr -> R'G'B' (ITU-R BT.601 / BT.709), limited (16-235/240) or full range.
 PF_HD YuvCoeffs yuv_coeffs(int matrix, bool full_range) {
@@ -48,25 +51,26 @@ PF_HD YuvCoeffs yuv_coeffs(int matrix, bool full_range) {
   const double cs = full_range ? 1.0 : 255.0 / 224.0;
   YuvCoeffs c;
   c.y_offset = full_range ? 0 : 16;
-  c.cy = round_fixed16(ys);
-  c.crv = round_fixed16(2.0 * (1.0 - kr) * cs);
-  c.cbu = round_fixed16(2.0 * (1.0 - kb) * cs);
-  c.cgu = round_fixed16(2.0 * kb * (1.0 - kb) / kg * cs);
-  c.cgv = round_fixed16(2.0 * kr * (1.0 - kr) / kg * cs);
+  c.cy = round_fixed13(ys);
+  c.crv = round_fixed13(2.0 * (1.0 - kr) * cs);
+  c.cbu = round_fixed13(2.0 * (1.0 - kb) * cs);
+  c.cgu = round_fixed13(-2.0 * kb * (1.0 - kb) / kg * cs);
+  c.cgv = round_fixed13(-2.0 * kr * (1.0 - kr) / kg * cs);
   return c;
 }
 
 PF_HD uint8_t clamp_u8(int v) { return (uint8_t)(v < 0 ? 0 : (v > 255 ? 255 : v)); }
 
+PF_HD int mulhi16(int a, int b) { return (a * b) >> 16; }
+
 // One pixel; u/v are the co-sited 4:2:0 chroma samples (nearest, as swscale's unscaled path).
 PF_HD void yuv_to_rgb(const YuvCoeffs& c, int y, int u, int v, uint8_t* r, uint8_t* g,
                       uint8_t* b) {
-  const int yt = c.cy * (y - c.y_offset) + (1 << 15);
-  u -= 128;
-  v -= 128;
-  *r = clamp_u8((yt + c.crv * v) >> 16);
-  *g = clamp_u8((yt - c.cgu * u - c.cgv * v) >> 16);
-  *b = clamp_u8((yt + c.cbu * u) >> 16);
+  const int yp = mulhi16((y - c.y_offset) * 8, c.cy);
+  const int u8 = (u - 128) * 8, v8 = (v - 128) * 8;
+  *r = clamp_u8(yp + mulhi16(v8, c.crv));
+  *g = clamp_u8(yp + mulhi16(u8, c.cgu) + mulhi16(v8, c.cgv));
+  *b = clamp_u8(yp + mulhi16(u8, c.cbu));
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -147,21 +147,22 @@ def _resample(x: Tensor, plan, dim: int) -> Tensor:
 
 
 def _yuv_coeffs(matrix: int, full_range: bool):
+    """swscale's 2^13 fixed-point coefficients (see csrc/pixel_math.h)."""
     kr, kb = (0.2126, 0.0722) if matrix == 1 else (0.299, 0.114)
     kg = 1.0 - kr - kb
     ys, cs = (1.0, 1.0) if full_range else (255.0 / 219.0, 255.0 / 224.0)
 
     def fx(x):
-        return math.floor(x * 65536.0 + 0.5)
+        return math.floor(x * 8192.0 + 0.5)
 
     return (0 if full_range else 16, fx(ys), fx(2.0 * (1.0 - kr) * cs),
-            fx(2.0 * kb * (1.0 - kb) / kg * cs), fx(2.0 * kr * (1.0 - kr) / kg * cs),
+            fx(-2.0 * kb * (1.0 - kb) / kg * cs), fx(-2.0 * kr * (1.0 - kr) / kg * cs),
             fx(2.0 * (1.0 - kb) * cs))
 
 
 def yuv_to_rgb(y: Tensor, u: Tensor, v: Tensor, matrix: str = "bt601",
                full_range: bool = False) -> Tensor:
-    """YUV 4:2:0 planes -> RGB uint8, the op's conversion (chroma nearest, 16.16 fixed point).
+    """YUV 4:2:0 planes -> RGB uint8, the op's conversion (chroma nearest, swscale's fixed point).
 
     y: (T, H, W) uint8; u, v: (T, (H+1)//2, (W+1)//2) uint8 -> (T, H, W, 3) uint8.
     """
@@ -173,11 +174,13 @@ def yuv_to_rgb(y: Tensor, u: Tensor, v: Tensor, matrix: str = "bt601",
 def _yuv_to_rgb(y, u, v, matrix, full_range):
     yoff, cy, crv, cgu, cgv, cbu = _yuv_coeffs(matrix, full_range)
     h, w = y.shape[-2:]
-    up = u.to(torch.int32).repeat_interleave(2, -2).repeat_interleave(2, -1)[..., :h, :w] - 128
-    vp = v.to(torch.int32).repeat_interleave(2, -2).repeat_interleave(2, -1)[..., :h, :w] - 128
-    yt = cy * (y.to(torch.int32) - yoff) + (1 << 15)
-    rgb = torch.stack([yt + crv * vp, yt - cgu * up - cgv * vp, yt + cbu * up], -1)
-    return torch.clamp(rgb >> 16, 0, 255).to(torch.uint8)
+    u8 = (u.to(torch.int32).repeat_interleave(2, -2).repeat_interleave(2, -1)[..., :h, :w] - 128) * 8
+    v8 = (v.to(torch.int32).repeat_interleave(2, -2).repeat_interleave(2, -1)[..., :h, :w] - 128) * 8
+    yp = ((y.to(torch.int32) - yoff) * 8 * cy) >> 16  # each product floored, as pmulhw
+    rgb = torch.stack([yp + ((v8 * crv) >> 16),
+                       yp + ((u8 * cgu) >> 16) + ((v8 * cgv) >> 16),
+                       yp + ((u8 * cbu) >> 16)], -1)
+    return torch.clamp(rgb, 0, 255).to(torch.uint8)
 
 
 def _normalize_lut(mean, std, device) -> Tensor:
