@@ -369,3 +369,14 @@ def test_cuda_matches_cpu(dtype):
     gpu = ops.frames_to_tensor(y.cuda(), u.cuda(), v.cuda(),
                                geometry=pllava_geometry([(720, 1280)])[0], dtype=dtype)
     assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("name", ["cooking.mp4", "jesse_dance.mp4", "yoga.mp4"])
+def test_sample_videos_match_pllava_reference(shared_videos, name):
+    video_mod = pytest.importorskip("pllava_fast.video")
+    path = str(shared_videos / name)
+    planes = video_mod.read_video(path, 4)                  # YUV planes into the op
+    rgb = video_mod.read_video(path, 4, keep_yuv=False)     # FFmpeg's rgb24 into PIL + CLIP
+    ref = pllava_reference([list(rgb.rgb.numpy())])
+    assert_pixels_close(frames_to_pixel_values(planes), ref)
+    assert_pixels_close(frames_to_pixel_values(rgb), ref)
