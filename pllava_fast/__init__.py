@@ -22,6 +22,7 @@ _EXPORTS = {
     "DecodedVideo": "video",
     "VideoDecodeError": "video",
     "profile_videos": "profile",
+    "VideoPipeline": "pipeline",
 }
 _SUBMODULES = {
     "ops", "config", "model", "reference", "projector", "video", "preprocess", "conversation",

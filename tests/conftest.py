@@ -11,6 +11,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER") and not torch.cuda.is_available():
+    # one intra-op thread per xdist worker: with 2 workers on 2 cores, more threads oversubscribe
+    # and small CPU ops slow down by orders of magnitude
+    torch.set_num_threads(1)
+
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
