@@ -5,6 +5,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstring>
+
 #include "frames.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -45,25 +47,37 @@ void hpass_row_scalar(const uint8_t* src, const int32_t* xmin, const int32_t* k4
 }
 
 #if PF_X86_AVX2
+// [R, G, B, X] sums of one output pixel's taps (lanes l and l + 4 of the 8-lane products).
+__attribute__((target("avx2"))) inline __m128i tap_sums(const uint8_t* s, const int32_t* k,
+                                                        int span) {
+  __m256i acc = _mm256_setzero_si256();
+  for (int j = 0; j < span; j += 8) {
+    const __m256i px = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(s + j)));
+    const __m256i kk = _mm256_loadu_si256((const __m256i*)(k + j));
+    acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(px, kk));
+  }
+  const __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+  return _mm_srai_epi32(_mm_add_epi32(sum, _mm_set1_epi32(resample_init())), kPrecisionBits);
+}
+
+// 4 output pixels per step; the saturating packs are clip8 (X lanes have zero weights -> 0).
 __attribute__((target("avx2"))) void hpass_row_avx2(const uint8_t* src, const int32_t* xmin,
                                                    const int32_t* k4, int n, int ksize,
                                                    uint8_t* dst) {
   const int span = ksize * 4;
-  for (int x = 0; x < n; ++x) {
-    const uint8_t* s = src + (size_t)xmin[x] * 4;
-    const int32_t* k = k4 + (size_t)x * span;
-    __m256i acc = _mm256_setzero_si256();
-    for (int j = 0; j < span; j += 8) {
-      const __m256i px = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(s + j)));
-      const __m256i kk = _mm256_loadu_si256((const __m256i*)(k + j));
-      acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(px, kk));
-    }
-    const __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(acc),
-                                      _mm256_extracti128_si256(acc, 1));
-    alignas(16) int32_t lanes[4];
-    _mm_store_si128((__m128i*)lanes, sum);
-    for (int c = 0; c < 3; ++c) dst[x * 4 + c] = clip8(resample_init() + lanes[c]);
-    dst[x * 4 + 3] = 0;
+  int x = 0;
+  for (; x + 4 <= n; x += 4) {
+    __m128i q[4];
+    for (int i = 0; i < 4; ++i)
+      q[i] = tap_sums(src + (size_t)xmin[x + i] * 4, k4 + (size_t)(x + i) * span, span);
+    const __m128i lo = _mm_packs_epi32(q[0], q[1]), hi = _mm_packs_epi32(q[2], q[3]);
+    _mm_storeu_si128((__m128i*)(dst + (size_t)x * 4), _mm_packus_epi16(lo, hi));
+  }
+  for (; x < n; ++x) {
+    const __m128i q = tap_sums(src + (size_t)xmin[x] * 4, k4 + (size_t)x * span, span);
+    const __m128i b = _mm_packus_epi16(_mm_packs_epi32(q, q), _mm_setzero_si128());
+    const int32_t px = _mm_cvtsi128_si32(b);
+    std::memcpy(dst + (size_t)x * 4, &px, 4);
   }
 }
 #endif
