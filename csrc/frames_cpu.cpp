@@ -5,6 +5,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstdlib>
 #include <cstring>
 
 #include "frames.h"
@@ -16,18 +17,23 @@
 namespace pllava_fast {
 namespace {
 
-// One binary for every x86-64 CPU: the int32 multiply-accumulate loops use AVX2 where present
-// (explicit intrinsics for the horizontal pass, compiler clones for the vertical one).
+// One binary for every x86-64 CPU: the hot loops have AVX2 versions chosen at run time.
 #if defined(__GNUC__) && defined(__x86_64__)
 #define PF_X86_AVX2 1
 #else
 #define PF_X86_AVX2 0
 #endif
-#if PF_X86_AVX2 && !defined(__clang__)
-#define PF_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+
+// PLLAVA_FAST_NO_SIMD=1 forces the portable loops (tests compare both against the torch path).
+bool use_avx2() {
+#if PF_X86_AVX2
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && std::getenv("PLLAVA_FAST_NO_SIMD") == nullptr;
+  return yes;
 #else
-#define PF_MULTIVERSION
+  return false;
 #endif
+}
 
 // One row of the horizontal pass. src: padded RGBX row (taps past the image read zeros with zero
 // weight); k4: (n, ksize * 4) weights repeated per channel; ksize is even, so a pixel's taps are
@@ -85,8 +91,7 @@ __attribute__((target("avx2"))) void hpass_row_avx2(const uint8_t* src, const in
 void hpass_row(const uint8_t* src, const int32_t* xmin, const int32_t* k4, int n, int ksize,
                uint8_t* dst) {
 #if PF_X86_AVX2
-  static const bool has_avx2 = __builtin_cpu_supports("avx2");
-  if (has_avx2) return hpass_row_avx2(src, xmin, k4, n, ksize, dst);
+  if (use_avx2()) return hpass_row_avx2(src, xmin, k4, n, ksize, dst);
 #endif
   hpass_row_scalar(src, xmin, k4, n, ksize, dst);
 }
@@ -115,8 +120,7 @@ __attribute__((target("avx2"))) void rgb_row_avx2(const uint8_t* s, int n, uint8
 
 void rgb_row(const uint8_t* s, int n, uint8_t* dst) {
 #if PF_X86_AVX2
-  static const bool has_avx2 = __builtin_cpu_supports("avx2");
-  if (has_avx2) return rgb_row_avx2(s, n, dst);
+  if (use_avx2()) return rgb_row_avx2(s, n, dst);
 #endif
   rgb_row_scalar(s, n, dst);
 }
@@ -184,22 +188,48 @@ __attribute__((target("avx2"))) void yuv_row_avx2(const uint8_t* ys, const uint8
 void yuv_row(const uint8_t* ys, const uint8_t* us, const uint8_t* vs, int q0, int n,
              const YuvCoeffs& yc, uint8_t* dst) {
 #if PF_X86_AVX2
-  static const bool has_avx2 = __builtin_cpu_supports("avx2");
-  if (has_avx2) return yuv_row_avx2(ys, us, vs, q0, n, yc, dst);
+  if (use_avx2()) return yuv_row_avx2(ys, us, vs, q0, n, yc, dst);
 #endif
   yuv_row_scalar(ys, us, vs, q0, n, yc, dst);
 }
 
 // One output row of the vertical pass over len bytes: dst[i] = sum_j k[j] * rows[j][i].
-PF_MULTIVERSION void vpass_row(const uint8_t* src, size_t stride, const int32_t* k, int count,
-                               int len, int32_t* acc, uint8_t* dst) {
-  for (int i = 0; i < len; ++i) acc[i] = resample_init();
-  for (int j = 0; j < count; ++j) {
-    const uint8_t* row = src + (size_t)j * stride;
-    const int32_t kj = k[j];
-    for (int i = 0; i < len; ++i) acc[i] += (int32_t)row[i] * kj;
+void vpass_row_scalar(const uint8_t* src, size_t stride, const int32_t* k, int count, int begin,
+                      int len, uint8_t* dst) {
+  for (int i = begin; i < len; ++i) {
+    int32_t acc = resample_init();
+    for (int j = 0; j < count; ++j) acc += (int32_t)src[(size_t)j * stride + i] * k[j];
+    dst[i] = clip8(acc);
   }
-  for (int i = 0; i < len; ++i) dst[i] = clip8(acc[i]);
+}
+
+#if PF_X86_AVX2
+// 8 bytes per step, all taps accumulated in a register.
+__attribute__((target("avx2"))) void vpass_row_avx2(const uint8_t* src, size_t stride,
+                                                   const int32_t* k, int count, int len,
+                                                   uint8_t* dst) {
+  int i = 0;
+  for (; i + 8 <= len; i += 8) {
+    __m256i acc = _mm256_set1_epi32(resample_init());
+    const uint8_t* s = src + i;
+    for (int j = 0; j < count; ++j) {
+      const __m256i px = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(s + j * stride)));
+      acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(px, _mm256_set1_epi32(k[j])));
+    }
+    acc = _mm256_srai_epi32(acc, kPrecisionBits);
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    _mm_storel_epi64((__m128i*)(dst + i), _mm_packus_epi16(w, w));
+  }
+  vpass_row_scalar(src, stride, k, count, i, len, dst);
+}
+#endif
+
+void vpass_row(const uint8_t* src, size_t stride, const int32_t* k, int count, int len,
+               uint8_t* dst) {
+#if PF_X86_AVX2
+  if (use_avx2()) return vpass_row_avx2(src, stride, k, count, len, dst);
+#endif
+  vpass_row_scalar(src, stride, k, count, 0, len, dst);
 }
 
 std::vector<int32_t> expand_x4(const AxisPlan& p) {
@@ -229,7 +259,6 @@ void run_frames(const uint8_t* rgb, const uint8_t* y, const uint8_t* u, const ui
     std::vector<uint8_t> b((size_t)brows * (bcols + fp.h2.ksize) * 4, 0);
     std::vector<uint8_t> c((size_t)crows * ccols * 4);
     std::vector<uint8_t> d((size_t)S * 4);
-    std::vector<int32_t> acc((size_t)std::max(acols, std::max(ccols, S)) * 4);
     const size_t bstride = (size_t)(bcols + fp.h2.ksize) * 4;
     for (int64_t t = t0; t < t1; ++t) {
       // 1. source rows -> RGBX -> first horizontal pass
@@ -250,7 +279,7 @@ void run_frames(const uint8_t* rgb, const uint8_t* y, const uint8_t* u, const ui
       // 2. first vertical pass -> the rows/columns of the first crop that the second resize reads
       for (int r = 0; r < brows; ++r) {
         vpass_row(a.data() + (size_t)fp.v1.xmin[r] * acols * 4, (size_t)acols * 4,
-                  fp.v1.k.data() + (size_t)r * fp.v1.ksize, fp.v1.count[r], acols * 4, acc.data(),
+                  fp.v1.k.data() + (size_t)r * fp.v1.ksize, fp.v1.count[r], acols * 4,
                   b.data() + r * bstride);
       }
       // 3. second horizontal pass (center-crop columns only)
@@ -262,8 +291,7 @@ void run_frames(const uint8_t* rgb, const uint8_t* y, const uint8_t* u, const ui
       out_t* o = out + (size_t)t * 3 * S * S;
       for (int r = 0; r < S; ++r) {
         vpass_row(c.data() + (size_t)fp.v2.xmin[r] * ccols * 4, (size_t)ccols * 4,
-                  fp.v2.k.data() + (size_t)r * fp.v2.ksize, fp.v2.count[r], S * 4, acc.data(),
-                  d.data());
+                  fp.v2.k.data() + (size_t)r * fp.v2.ksize, fp.v2.count[r], S * 4, d.data());
         for (int ch3 = 0; ch3 < 3; ++ch3) {
           out_t* orow = o + ((size_t)ch3 * S + r) * S;
           const float* l = lut[ch3];

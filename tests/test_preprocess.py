@@ -6,6 +6,9 @@ YUV -> RGB is checked against FFmpeg's own rgb24 conversion (swscale) on clips m
 """
 import fractions
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -298,6 +301,30 @@ def test_cpp_and_torch_fallback_agree_low_precision(dtype):
     args = _op_args(y, u, v, (40, 52), 1, False, dtype, out=32)
     ours = _ext.load().frames_to_tensor_cpu(*args)
     assert ours.dtype == dtype and torch.equal(ours, frames_to_tensor_torch(*args))
+
+
+@pytest.mark.skipif(not HAS_C, reason="pllava_fast._C not built")
+def test_portable_cpp_loops_agree_with_torch_fallback():
+    """The non-SIMD C++ loops (CPUs without AVX2) give the same pixels."""
+    code = (
+        "import torch\n"
+        "from pllava_fast import _ext, ops\n"
+        "from pllava_fast.preprocess import frames_to_tensor_torch, pllava_geometry\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for h, w in ((45, 61), (241, 321), (720, 1280)):\n"
+        "    y = torch.randint(0, 256, (1, h, w), dtype=torch.uint8, generator=g)\n"
+        "    u = torch.randint(0, 256, (1, (h + 1) // 2, (w + 1) // 2), dtype=torch.uint8, generator=g)\n"
+        "    v = torch.randint(0, 256, (1, (h + 1) // 2, (w + 1) // 2), dtype=torch.uint8, generator=g)\n"
+        "    rgb = torch.randint(0, 256, (1, h, w, 3), dtype=torch.uint8, generator=g)\n"
+        "    geom = list(pllava_geometry([(h, w)])[0])\n"
+        "    for args in ((y, u, v, 1, False), (rgb, None, None, 0, False)):\n"
+        "        a = (*args, geom, list(ops.CLIP_MEAN), list(ops.CLIP_STD), torch.float32)\n"
+        "        assert torch.equal(_ext.load().frames_to_tensor_cpu(*a), frames_to_tensor_torch(*a))\n"
+        "print('ok')\n")
+    env = dict(os.environ, PLLAVA_FAST_NO_SIMD="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
 def test_dtypes_round_the_float32_result():
