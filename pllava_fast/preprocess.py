@@ -37,8 +37,8 @@ _PRECISION_BITS = 22  # Pillow: 32 bits - 8 for the pixel - 2 for the filter's o
 # ---------------------------------------------------------------------------------------------
 def _short_edge_size(height: int, width: int, short: int, max_size: int | None = None):
     """transformers' get_resize_output_image_size(default_to_square=False) -> (h, w)."""
-    s, l = (width, height) if width <= height else (height, width)
-    new_short, new_long = short, int(short * l / s)
+    lo, hi = (width, height) if width <= height else (height, width)
+    new_short, new_long = short, int(short * hi / lo)
     if max_size is not None and new_long > max_size:
         new_short, new_long = int(max_size * new_short / new_long), max_size
     return (new_long, new_short) if width <= height else (new_short, new_long)
@@ -204,9 +204,9 @@ def frames_to_tensor_torch(frames, u, v, matrix, full_range, geometry, mean, std
     h1p = _axis_plan(W, w1, left1 + h2p[0], h2p[1])
     lut = _normalize_lut(mean, std, frames.device)
     outs = []
-    for t0 in range(0, frames.shape[0], chunk):  # bounded memory for the gathered taps
-        r0, r1 = v1[0], v1[0] + v1[1]
-        c0, c1 = h1p[0], h1p[0] + h1p[1]
+    r0, r1 = v1[0], v1[0] + v1[1]      # source rows / columns the crops need
+    c0, c1 = h1p[0], h1p[0] + h1p[1]
+    for t0 in range(0, frames.shape[0], chunk):  # bounded memory for the int32 intermediates
         if u is None:
             x = frames[t0:t0 + chunk, r0:r1, c0:c1]
         else:
