@@ -8,6 +8,7 @@ with the default (16, 12, 12) pool over a (16, 24, 24) grid.
 from __future__ import annotations
 
 from torch import Tensor, nn
+from transformers.activations import ACT2FN
 
 from . import ops
 
@@ -21,20 +22,24 @@ class PllavaProjector(nn.Module):
     def __init__(self, vision_hidden: int, text_hidden: int, act: str,
                  frame_shape, pooling_shape):
         super().__init__()
-        if act not in ops.ACTIVATIONS:
-            raise ValueError(f"projector_hidden_act {act!r} is not supported; expected one of "
-                             f"{ops.ACTIVATIONS}")
+        if act not in ops.ACTIVATIONS and act not in ACT2FN:
+            raise ValueError(f"projector_hidden_act {act!r} is not a transformers activation")
         self.linear_1 = nn.Linear(vision_hidden, text_hidden, bias=True)
         self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=True)
-        self.act = act
+        # PLLaVA accepts any transformers activation; those the pooling op cannot fuse run as
+        # transformers' module before an identity pool (pooling stays exact, only unfused)
+        self.act = act if act in ops.ACTIVATIONS else ACT2FN[act]
         self.frame_shape = tuple(int(v) for v in frame_shape)
         self.pooling_shape = tuple(int(v) for v in pooling_shape)
 
     def forward(self, features: Tensor, num_frames: int) -> Tensor:
         """features (B*num_frames, H*W, D_vision), frame-major per video -> (B, t*h*w, D_llm)."""
         hidden = self.linear_1(features)
+        act = self.act
+        if not isinstance(act, str):
+            hidden, act = act(hidden), "identity"
         pooled = ops.pool_visual_tokens(
-            hidden, num_frames, self.frame_shape, self.pooling_shape, act=self.act)
+            hidden, num_frames, self.frame_shape, self.pooling_shape, act=act)
         return self.linear_2(pooled)
 
     def extra_repr(self) -> str:

@@ -100,3 +100,15 @@ def test_reference_matches_llava_with_identity_pooling(tmp_path):
     theirs = llava.generate(input_ids=ids, pixel_values=pv, max_new_tokens=6, do_sample=False,
                             eos_token_id=None, pad_token_id=model.config.pad_token_id)
     assert torch.equal(ours[:, enc.input_ids.shape[1]:], theirs[:, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu_new"])
+def test_any_transformers_projector_activation_matches_reference(act):
+    """PLLaVA's projector takes any transformers activation (ACT2FN), not only the fused ones."""
+    model, tok = tiny_pllava(projector_hidden_act=act)
+    ref = ReferencePllava.from_model(model)
+    pv = random_pixel_values(2 * model.config.num_frames, model.config, seed=3)
+    with torch.no_grad():
+        fast = model.get_video_features(pv)
+        slow = ref.get_video_features(pv)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5 * float(slow.abs().max()))
