@@ -25,7 +25,8 @@ import time
 import numpy as np
 import torch
 
-from .pipeline import STAGES, StageTimer, VideoPipeline, _ModelProbe
+from .pipeline import (STAGES, StageTimer, VideoPipeline, _ModelProbe, add_kv_cache_arguments,
+                       kv_cache_options)
 
 QUESTION = "Describe the video in detail."
 
@@ -117,11 +118,12 @@ class OriginalPipeline:
 
 # -- comparison ---------------------------------------------------------------------------------
 def build_pipeline(model_dir=None, *, shape="tiny", device="cpu", dtype="auto",
-                   kv_cache="bf16", num_frames=None) -> VideoPipeline:
+                   kv_cache="bf16", num_frames=None, kv_cache_options=None) -> VideoPipeline:
     """A pipeline on a checkpoint directory, the tiny random model, or random weights of a shape."""
     if model_dir is not None:
         return VideoPipeline.from_pretrained(model_dir, device=device, dtype=dtype,
-                                             kv_cache=kv_cache, num_frames=num_frames)
+                                             kv_cache=kv_cache, kv_cache_options=kv_cache_options,
+                                             num_frames=num_frames)
     if shape == "tiny":
         from .testing import save_tiny_pllava
 
@@ -131,6 +133,7 @@ def build_pipeline(model_dir=None, *, shape="tiny", device="cpu", dtype="auto",
         path = save_tiny_pllava(os.path.join(tmp, "tiny"), num_frames=16, pooling_shape=(16, 2, 2))
         return VideoPipeline.from_pretrained(path,
                                              device=device, dtype=dtype, kv_cache=kv_cache,
+                                             kv_cache_options=kv_cache_options,
                                              num_frames=num_frames)
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; expected 'tiny' or one of {sorted(SHAPES)}")
@@ -156,7 +159,8 @@ def build_pipeline(model_dir=None, *, shape="tiny", device="cpu", dtype="auto",
             model = PllavaForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
-    return VideoPipeline(model.eval(), tokenizer, kv_cache=kv_cache, num_frames=num_frames)
+    return VideoPipeline(model.eval(), tokenizer, kv_cache=kv_cache,
+                         kv_cache_options=kv_cache_options, num_frames=num_frames)
 
 
 def _median_timings(runs):
@@ -288,7 +292,9 @@ def configure_parser(parser: argparse.ArgumentParser):
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget-gb", type=float, default=80.0)
-    parser.add_argument("--capacity-kv", default="int4", choices=("bf16", "int8", "int4"))
+    parser.add_argument("--capacity-kv", default="int4", choices=("bf16", "int8", "int4"),
+                        help="KV format of the videos-per-batch estimate for pllava-fast")
+    add_kv_cache_arguments(parser)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -303,11 +309,13 @@ def run(args) -> int:
         if not os.path.exists(v):
             print(f"error: video not found: {v}", file=sys.stderr)
             return 2
+    kv_options = kv_cache_options(args)
     with tempfile.TemporaryDirectory(prefix="pllava-fast-bench-") as tmp:
         videos = args.video or [default_video(tmp)] * args.batch_size
         t0 = time.perf_counter()
         pipe = build_pipeline(args.model, shape=args.shape, device=device, dtype=args.dtype,
-                              num_frames=args.num_frames)
+                              num_frames=args.num_frames, kv_cache=args.kv_cache,
+                              kv_cache_options=kv_options)
         result = compare(pipe, videos, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
                          budget_gb=args.budget_gb, capacity_kv=args.capacity_kv)
         result["setup_s"] = time.perf_counter() - t0
@@ -319,13 +327,3 @@ def run(args) -> int:
               f"{args.max_new_tokens} new tokens, median of {args.repeats}")
         print(format_table(result))
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pllava-fast bench", description=__doc__.splitlines()[0])
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

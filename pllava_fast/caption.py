@@ -26,6 +26,8 @@ import sys
 import traceback
 from typing import Iterable, Iterator
 
+from .pipeline import add_kv_cache_arguments, kv_cache_options
+
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_RUN_FAILED = 0, 1, 2, 3
 
 DEFAULT_PROMPT = "Describe the video in detail."
@@ -306,7 +308,7 @@ def configure_parser(parser: argparse.ArgumentParser):
                         help="frames sampled per video (default: the model's num_frames)")
     parser.add_argument("--pooling", default=None,
                         help="pooling shape T,H,W (default: the model's, e.g. 16,12,12)")
-    parser.add_argument("--kv-cache", default="bf16", choices=("bf16", "int8", "int4"))
+    add_kv_cache_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=1, help="videos per generate() call")
     parser.add_argument("--stream", action="store_true",
                         help="print tokens as they are generated (direct mode, batch 1)")
@@ -342,11 +344,12 @@ def parse_pooling(spec):
 
 
 def load_pipeline(args, device):
-    """The pipeline for ``args.model`` with ``--num-frames``, ``--pooling`` and ``--kv-cache``."""
+    """The pipeline for ``args.model`` with ``--num-frames``, ``--pooling`` and the KV-cache flags."""
     from .pipeline import VideoPipeline
 
     return VideoPipeline.from_pretrained(
         args.model, device=device, dtype=args.dtype, kv_cache=args.kv_cache,
+        kv_cache_options=kv_cache_options(args),
         device_map=getattr(args, "device_map", None),
         num_frames=args.num_frames, pooling_shape=parse_pooling(getattr(args, "pooling", None)))
 
@@ -373,6 +376,7 @@ def _progress(args, total, desc):
 def run(args) -> int:
     try:
         parse_pooling(args.pooling)
+        kv_cache_options(args)
         if args.batch_size < 1 or args.max_new_tokens < 1:
             raise ValueError("--batch-size and --max-new-tokens must be >= 1")
         if not os.path.isdir(args.model):
@@ -500,13 +504,3 @@ def _init_group(world) -> bool:
         # long timeout: ranks wait at the final barrier for the slowest shard
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
     return True
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pllava-fast caption", description=__doc__.splitlines()[0])
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

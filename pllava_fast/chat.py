@@ -13,6 +13,8 @@ import json
 import os
 import sys
 
+from .pipeline import add_kv_cache_arguments, kv_cache_options
+
 
 class Chat:
     """A conversation about one video with a ``VideoPipeline``."""
@@ -53,7 +55,7 @@ def configure_parser(parser: argparse.ArgumentParser):
     parser.add_argument("--template", default="plain",
                         help="conversation template (plain, vcg, mvbench, chatml, ...)")
     parser.add_argument("--num-frames", type=int, default=None)
-    parser.add_argument("--kv-cache", default="bf16", choices=("bf16", "int8", "int4"))
+    add_kv_cache_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--start", type=float, default=None, help="start time (s)")
     parser.add_argument("--end", type=float, default=None, help="end time (s)")
@@ -77,9 +79,11 @@ def run(args) -> int:
     if not os.path.isdir(args.model):
         print(f"error: model directory not found: {args.model}", file=sys.stderr)
         return 2
+    kv_options = kv_cache_options(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = VideoPipeline.from_pretrained(args.model, device=device, dtype=args.dtype,
-                                         kv_cache=args.kv_cache, num_frames=args.num_frames)
+                                         kv_cache=args.kv_cache, kv_cache_options=kv_options,
+                                         num_frames=args.num_frames)
     try:
         chat = Chat(pipe, args.video, template=args.template, start=args.start, end=args.end)
     except ValueError as exc:
@@ -116,13 +120,3 @@ def run(args) -> int:
             else:
                 print(f"pllava> {answer}", flush=True)
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pllava-fast chat", description=__doc__.splitlines()[0])
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,8 @@
 """``pllava-fast`` command line: one subcommand per module.
 
 Each subcommand lives in the module named here, which defines ``configure_parser(parser)`` and
-``run(args) -> int`` (the exit code). Modules load only when their subcommand runs.
+``run(args) -> int`` (the exit code). Modules load only when their subcommand runs. A ``UsageError``
+raised by ``run`` (arguments that parse but do not fit together) prints its message and exits 2.
 """
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ SUBCOMMANDS = {
     "profile": ("pllava_fast.profile", "profile high-norm visual tokens: report.json + plots"),
     "bench": ("pllava_fast.bench", "benchmark the fast pipeline against the original order"),
 }
+
+
+class UsageError(ValueError):
+    """Command-line arguments that do not fit together: exit code 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +47,9 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -16,6 +16,8 @@ import tempfile
 
 import numpy as np
 
+from .pipeline import add_kv_cache_arguments, kv_cache_options
+
 DEFAULT_QUESTION = "What is happening in this video?"
 
 
@@ -66,7 +68,7 @@ def configure_parser(parser: argparse.ArgumentParser):
     parser.add_argument("--num-frames", type=int, default=None,
                         help="frames sampled per video (default: the model's num_frames)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--kv-cache", default="bf16", choices=("bf16", "int8", "int4"))
+    add_kv_cache_arguments(parser)
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -88,6 +90,7 @@ def _run(args, device) -> int:
 
     from .pipeline import VideoPipeline, format_timings
 
+    kv_options = kv_cache_options(args)
     with tempfile.TemporaryDirectory(prefix="pllava-fast-demo-") as tmp:
         video = args.video
         if video is None:
@@ -109,7 +112,8 @@ def _run(args, device) -> int:
             print(f"error: model directory not found: {model_dir}", file=sys.stderr)
             return 2
         pipe = VideoPipeline.from_pretrained(model_dir, device=device, dtype=args.dtype,
-                                             kv_cache=args.kv_cache, num_frames=args.num_frames)
+                                             kv_cache=args.kv_cache, kv_cache_options=kv_options,
+                                             num_frames=args.num_frames)
         pipe.answer(video, args.question, max_new_tokens=2)  # warm-up: first-call allocations
         out = pipe([video], [args.question], max_new_tokens=args.max_new_tokens)
     if args.json:
@@ -124,13 +128,3 @@ def _run(args, device) -> int:
         print()
         print(format_timings(out.timings))
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pllava-fast demo", description=__doc__.splitlines()[0])
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

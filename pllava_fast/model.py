@@ -87,6 +87,40 @@ def _fast_init(dtype: torch.dtype | None):
         torch.set_default_dtype(previous)
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map) -> None:
+    """ValueError unless ``device_map`` is None, one of ``DEVICE_MAPS`` or a dict."""
+    if device_map is not None and not (isinstance(device_map, dict) or device_map in DEVICE_MAPS):
+        raise ValueError(f"device_map must be one of {DEVICE_MAPS} or a dict, got {device_map!r}")
+
+
+def dispatch_model(model: nn.Module, device_map, max_memory=None) -> nn.Module:
+    """Place ``model``'s modules on devices with accelerate; returns the model.
+
+    ``device_map`` as in transformers: "auto" / "balanced" / "balanced_low_0" / "sequential" or an
+    explicit {module name: device} dict; ``max_memory`` ({device: "40GiB"}) bounds each device for
+    the automatic maps. Modules in ``model._no_split_modules`` (decoder and encoder layers) are
+    never split; accelerate's hooks move activations between devices, so ``generate()`` works
+    unchanged.
+    """
+    from accelerate import dispatch_model as accelerate_dispatch
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    check_device_map(device_map)
+    if isinstance(device_map, str):
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(
+                model, max_memory=max_memory, no_split_module_classes=no_split,
+                low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                           no_split_module_classes=no_split)
+    return accelerate_dispatch(model, device_map=device_map)
+
+
 class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
     """PLLaVA video-language model (parameter names as PLLaVA's checkpoints)."""
 
@@ -130,16 +164,42 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path, *, torch_dtype=None, dtype=None, attn_implementation: str = "sdpa",
-                        lora_alpha: float = 4.0, device=None, **config_overrides):
+                        lora_alpha: float = 4.0, device=None, device_map=None, max_memory=None,
+                        kv_cache: str = "bf16", kv_cache_options: dict | None = None,
+                        **config_overrides):
         """Load a PLLaVA checkpoint directory (config.json + weights, see ``loading.py``).
 
         Args:
             torch_dtype / dtype: weights dtype (a torch dtype, its name, or "auto"); default fp32.
             attn_implementation: "sdpa" (default), "eager", "flash_attention_2", ... passed to the LM.
             lora_alpha: LoRA alpha for peft-saved checkpoints (scale = lora_alpha / r).
-            device: where to put the model.
+            device: where to put the model (not with ``device_map``).
+            device_map: place the modules with accelerate instead (see ``dispatch_model``): "auto",
+                "balanced", "balanced_low_0", "sequential" or a {module name: device} dict, e.g. to
+                split the 34B model over several GPUs.
+            max_memory: with ``device_map``: {device: "40GiB", ...} bounds for the automatic maps.
+            kv_cache: "bf16" (transformers' DynamicCache), "int8" or "int4": the quantized kinds
+                patch the model (``pllava_fast.patch``) so that every ``generate()`` given no cache
+                uses a ``QuantizedKVCache``; they need pllava-fast attention ("sdpa" or
+                "flash_attention_2" here).
+            kv_cache_options: QuantizedKVCache options for int8/int4: ``window``, ``group_size``,
+                ``block``, ``key_quant``.
             config_overrides: replace config fields (e.g. ``num_frames=4``, ``pooling_shape=...``).
         """
+        from .patching import check_kv_cache_options
+
+        # every argument is checked before the weights are read: a mistake fails in a moment,
+        # not after a 34B load
+        kv_cache_options = check_kv_cache_options(kv_cache, kv_cache_options)
+        if device is not None and device_map is not None:
+            raise ValueError("pass device or device_map, not both")
+        if max_memory is not None and device_map is None:
+            raise ValueError("max_memory needs a device_map")
+        check_device_map(device_map)
+        if kv_cache != "bf16" and attn_implementation not in ("sdpa", "flash_attention_2"):
+            raise ValueError(f"kv_cache={kv_cache!r} needs pllava-fast attention: "
+                             f"attn_implementation 'sdpa' or 'flash_attention_2', got "
+                             f"{attn_implementation!r}")
         path = os.fspath(path)
         config = PllavaConfig.from_pretrained(path, **config_overrides)
         dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
@@ -158,7 +218,16 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
             model.generation_config.pad_token_id = config.pad_token_id
         model.name_or_path = path
         model.eval()
-        return model.to(device) if device is not None else model
+        if device_map is not None:
+            model = dispatch_model(model, device_map, max_memory)
+        elif device is not None:
+            model = model.to(device)
+        if kv_cache != "bf16":
+            from .patching import patch
+
+            patch(model, kv_cache=kv_cache, kv_cache_options=kv_cache_options,
+                  attention=attn_implementation)
+        return model
 
     def save_pretrained(self, path, **_):
         """Write config.json, model.safetensors (PLLaVA's names) and generation_config.json."""

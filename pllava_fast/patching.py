@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,10 +31,12 @@ from torch import Tensor, nn
 from . import ops
 
 __all__ = ["patch", "unpatch", "is_patched", "build_video_inputs", "resolve_attention",
-           "VideoPoolingProjector"]
+           "check_kv_cache_options", "VideoPoolingProjector"]
 
 _STATE = "_pllava_fast_patch"
 KV_CACHE_KINDS = ("bf16", "int8", "int4")
+# QuantizedKVCache's keyword options (see pllava_fast.kv_cache)
+KV_CACHE_OPTIONS = ("window", "group_size", "block", "key_quant")
 ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", None)
 
 
@@ -50,6 +52,42 @@ def _is_pllava(model) -> bool:
     from .model import PllavaForConditionalGeneration
 
     return isinstance(model, PllavaForConditionalGeneration)
+
+
+def check_kv_cache_options(kv_cache: str, options: Mapping | None, config=None) -> dict:
+    """Validate a KV-cache kind and its QuantizedKVCache options; returns the options as a dict.
+
+    ``options`` may hold ``window``, ``group_size``, ``block`` and ``key_quant`` (int8 / int4
+    only: the bf16 cache takes none). One cache is built here, so a bad value fails with a
+    ValueError when the model is set up, not at the first ``generate()``.
+    """
+    if kv_cache not in KV_CACHE_KINDS:
+        raise ValueError(f"kv_cache must be one of {KV_CACHE_KINDS}, got {kv_cache!r}")
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"kv_cache_options must be a dict, got {type(options).__name__}")
+    options = dict(options)
+    if not options:
+        return options
+    if kv_cache == "bf16":
+        raise ValueError(f"kv_cache_options {sorted(options)} apply to the quantized caches only: "
+                         "pass kv_cache='int8' or 'int4'")
+    unknown = sorted(set(options) - set(KV_CACHE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown kv_cache_options {unknown}; expected some of {KV_CACHE_OPTIONS}")
+    for key in ("window", "group_size", "block"):
+        value = options.get(key)
+        # bool is an int; a float would reach the kernels as a size
+        if key in options and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"kv_cache_options[{key!r}] must be an int, got {value!r}")
+    from .kv_cache import make_cache
+
+    try:
+        make_cache(kv_cache, config=config, **options)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bad kv_cache_options {options}: {exc}") from exc
+    return options
 
 
 def resolve_attention(attention: str | None) -> str | None:
@@ -112,7 +150,8 @@ def is_patched(model) -> bool:
 
 
 def patch(model, *, pooling: bool = True, kv_cache: str = "bf16", attention: str | None = "auto",
-          pooling_shape: Sequence[int] | None = None, num_frames: int | None = None):
+          pooling_shape: Sequence[int] | None = None, num_frames: int | None = None,
+          kv_cache_options: Mapping | None = None):
     """Install pllava-fast's projector, attention backend and KV cache in ``model``; return it.
 
     Args:
@@ -123,11 +162,14 @@ def patch(model, *, pooling: bool = True, kv_cache: str = "bf16", attention: str
         pooling_shape: (t, h, w) visual-token grid per video; default: the PLLaVA model's own, or
             for a Llava (num_frames, ceil(H/2), ceil(W/2)) of its (H, W) patch grid.
         num_frames: frames per video (default: the PLLaVA model's own; 16 for a Llava).
+        kv_cache_options: QuantizedKVCache options for "int8" / "int4": ``window`` (recent tokens
+            kept in full precision), ``group_size``, ``block``, ``key_quant`` ("token" or
+            "channel"); checked here (ValueError), rejected with "bf16".
 
     Patching twice replaces the first patch; ``unpatch`` restores the original model.
     """
-    if kv_cache not in KV_CACHE_KINDS:
-        raise ValueError(f"kv_cache must be one of {KV_CACHE_KINDS}, got {kv_cache!r}")
+    kv_cache_options = check_kv_cache_options(kv_cache, kv_cache_options,
+                                              getattr(model, "config", None))
     if num_frames is not None and int(num_frames) <= 0:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
     if pooling_shape is not None:
@@ -148,8 +190,9 @@ def patch(model, *, pooling: bool = True, kv_cache: str = "bf16", attention: str
             _pllava_pooling(model, state, pooling_shape, num_frames)
         _set_attention(model, state, resolve_attention(attention), kv_cache)
         if kv_cache != "bf16":
-            _install_cache(model, kv_cache)
+            _install_cache(model, kv_cache, kv_cache_options)
         state["kv_cache"] = kv_cache
+        state["kv_cache_options"] = kv_cache_options
     except Exception:
         unpatch(model)
         raise
@@ -247,8 +290,10 @@ def _set_attention(model, state, name, kv_cache):
     state["attention"] = previous
 
 
-def _install_cache(model, kind):
-    """Make generate() calls that pass no cache use a quantized KV cache of ``kind``."""
+def _install_cache(model, kind, options=None):
+    """Make generate() calls that pass no cache use a quantized KV cache of ``kind`` built with
+    ``options`` (QuantizedKVCache keywords, already checked by ``check_kv_cache_options``)."""
+    options = dict(options or {})
     from .kv_cache import make_cache
     from .pipeline import generate_cache_kwarg
 
@@ -258,7 +303,7 @@ def _install_cache(model, kind):
     @functools.wraps(original)
     def generate(*args, **kwargs):
         if kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
-            kwargs[keyword] = make_cache(kind, config=model.config)
+            kwargs[keyword] = make_cache(kind, config=model.config, **options)
         return original(*args, **kwargs)
 
     model.generate = generate

@@ -18,7 +18,8 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-__all__ = ["KV_CACHE_KINDS", "PipelineOutput", "StageTimer", "VideoPipeline", "resolve_dtype"]
+__all__ = ["KV_CACHE_KINDS", "PipelineOutput", "StageTimer", "VideoPipeline", "resolve_dtype",
+           "add_kv_cache_arguments", "kv_cache_options"]
 
 KV_CACHE_KINDS = ("bf16", "int8", "int4")
 
@@ -48,26 +49,42 @@ def generate_cache_kwarg(model) -> str:
     return cache_kwarg_name(getattr(model, "language_model", None) or model)
 
 
-def dispatch(model, device_map, max_memory=None):
-    """Place ``model``'s modules on devices with accelerate (``device_map`` as in transformers:
-    "auto" / "balanced" / "balanced_low_0" / "sequential" or an explicit {module: device} dict).
-    Decoder and encoder layers are never split; accelerate's hooks move activations between
-    devices, so ``generate()`` works unchanged."""
-    from accelerate import dispatch_model, infer_auto_device_map
-    from accelerate.utils import get_balanced_memory
+def add_kv_cache_arguments(parser) -> None:
+    """The KV-cache flags every subcommand takes: ``--kv-cache`` and the quantized cache's
+    ``--kv-window``, ``--kv-group-size``, ``--kv-key-quant`` (read back with ``kv_cache_options``)."""
+    group = parser.add_argument_group("KV cache")
+    group.add_argument("--kv-cache", default="bf16", choices=KV_CACHE_KINDS,
+                       help="KV-cache format: bf16 (transformers' cache, answers unchanged), "
+                            "int8 or int4 (quantized, less memory)")
+    group.add_argument("--kv-window", type=int, default=None, metavar="N",
+                       help="int8/int4: most recent tokens kept in full precision (default 128)")
+    group.add_argument("--kv-group-size", type=int, default=None, metavar="N",
+                       help="int8/int4: channels per scale group, a power of two (default 64)")
+    group.add_argument("--kv-key-quant", default=None, choices=("token", "channel"),
+                       help="int8/int4: key scales per token group or per channel (KIVI) "
+                            "(default token)")
 
-    if isinstance(device_map, str):
-        if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
-            raise ValueError(f"device_map must be 'auto', 'balanced', 'balanced_low_0', "
-                             f"'sequential' or a dict, got {device_map!r}")
-        no_split = list(getattr(model, "_no_split_modules", None) or [])
-        if device_map != "sequential":
-            max_memory = get_balanced_memory(
-                model, max_memory=max_memory, no_split_module_classes=no_split,
-                low_zero=device_map == "balanced_low_0")
-        device_map = infer_auto_device_map(model, max_memory=max_memory,
-                                           no_split_module_classes=no_split)
-    return dispatch_model(model, device_map=device_map)
+
+_KV_FLAGS = {"window": "--kv-window", "group_size": "--kv-group-size", "key_quant": "--kv-key-quant"}
+
+
+def kv_cache_options(args) -> dict:
+    """The QuantizedKVCache options given on the command line (``add_kv_cache_arguments``),
+    checked against ``--kv-cache``: a ``cli.UsageError`` (exit code 2) naming the flags when they
+    do not fit."""
+    from .cli import UsageError
+    from .patching import check_kv_cache_options
+
+    options = {key: getattr(args, flag[2:].replace("-", "_"), None)
+               for key, flag in _KV_FLAGS.items()}
+    options = {k: v for k, v in options.items() if v is not None}
+    if options and args.kv_cache == "bf16":
+        raise UsageError(f"{', '.join(_KV_FLAGS[k] for k in options)} need --kv-cache int8 or int4")
+    try:
+        return check_kv_cache_options(args.kv_cache, options)
+    except ValueError as exc:
+        raise UsageError(f"bad KV-cache flags ({', '.join(_KV_FLAGS[k] for k in options)}): "
+                         f"{exc}") from exc
 
 
 class StageTimer:
@@ -191,6 +208,8 @@ class VideoPipeline:
         template: conversation template name for ``pllava_fast.conversation.build_prompt``.
         kv_cache: "bf16" (transformers' DynamicCache, answers unchanged), "int8" or "int4"
             (``pllava_fast.kv_cache.make_cache``).
+        kv_cache_options: options of the int8/int4 cache (``window``, ``group_size``, ``block``,
+            ``key_quant``), passed to ``make_cache``; checked here (ValueError).
         image_size: frame side of the model input (default: the vision tower's image size).
         attention: LLM attention backend installed with ``pllava_fast.patch`` ("auto": flash-attn
             when usable on CUDA, else SDPA; None leaves the model's). The quantized caches need
@@ -200,9 +219,11 @@ class VideoPipeline:
     def __init__(self, model, tokenizer, *, num_frames: int | None = None,
                  template: str | None = None, kv_cache: str = "bf16",
                  image_size: int | None = None, system: str | None = None,
-                 attention: str | None = "auto", pooling_shape: Sequence[int] | None = None):
-        if kv_cache not in KV_CACHE_KINDS:
-            raise ValueError(f"kv_cache must be one of {KV_CACHE_KINDS}, got {kv_cache!r}")
+                 attention: str | None = "auto", pooling_shape: Sequence[int] | None = None,
+                 kv_cache_options: dict | None = None):
+        from .patching import check_kv_cache_options
+
+        kv_cache_options = check_kv_cache_options(kv_cache, kv_cache_options, model.config)
         if attention is None and kv_cache != "bf16":
             attention = "auto"
         if attention is not None or pooling_shape is not None or num_frames is not None:
@@ -217,6 +238,7 @@ class VideoPipeline:
         self.template = template
         self.system = system
         self.kv_cache = kv_cache
+        self.kv_cache_options = kv_cache_options
         self.image_size = int(image_size or config.vision_config.image_size)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -227,27 +249,36 @@ class VideoPipeline:
     @classmethod
     def from_pretrained(cls, model_dir, *, device="cpu", dtype="auto", kv_cache="bf16",
                         attn_implementation: str | None = None, device_map=None,
-                        max_memory=None, **kwargs) -> "VideoPipeline":
+                        max_memory=None, kv_cache_options: dict | None = None,
+                        **kwargs) -> "VideoPipeline":
         """Load ``model_dir`` (PLLaVA checkpoint layout + tokenizer) onto ``device``.
 
         ``device_map`` ("auto", "balanced", "sequential" or a {module name: device} dict) splits the
         model over several devices with accelerate instead (e.g. the 34B model over GPUs);
-        ``max_memory`` ({device: "40GiB"}) bounds each device for the automatic maps.
+        ``max_memory`` ({device: "40GiB"}) bounds each device for the automatic maps. Both go to
+        ``PllavaForConditionalGeneration.from_pretrained`` (``pllava_fast.model.dispatch_model``).
         """
         from .conversation import load_tokenizer
         from .model import PllavaForConditionalGeneration
+        from .patching import check_kv_cache_options
 
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model directory not found: {model_dir}")
+        check_kv_cache_options(kv_cache, kv_cache_options)  # before the weights are read
         device = torch.device(device)
         if device_map is not None and device.type == "cpu" and torch.cuda.is_available():
             device = torch.device("cuda")  # the dtype of a split model follows its GPUs
-        load_kwargs = {"torch_dtype": resolve_dtype(dtype, device)}
+        load_kwargs = {"torch_dtype": resolve_dtype(dtype, device), "max_memory": max_memory}
+        if device_map is not None:
+            load_kwargs["device_map"] = device_map
+        else:
+            load_kwargs["device"] = device
         if attn_implementation:
             load_kwargs["attn_implementation"] = attn_implementation
+        # the pipeline builds its cache per call, so the model is loaded with the bf16 default
         model = PllavaForConditionalGeneration.from_pretrained(model_dir, **load_kwargs)
-        model = dispatch(model, device_map, max_memory) if device_map is not None else model.to(device)
-        return cls(model, load_tokenizer(model_dir), kv_cache=kv_cache, **kwargs)
+        return cls(model, load_tokenizer(model_dir), kv_cache=kv_cache,
+                   kv_cache_options=kv_cache_options, **kwargs)
 
     # -- stages --------------------------------------------------------------------------------
     def decode(self, sources: Sequence, *, start=None, end=None, timer: StageTimer | None = None):
@@ -310,7 +341,7 @@ class VideoPipeline:
             return None
         from .kv_cache import make_cache
 
-        return make_cache(self.kv_cache, config=self.model.config)
+        return make_cache(self.kv_cache, config=self.model.config, **self.kv_cache_options)
 
     # -- whole runs ----------------------------------------------------------------------------
     def prepare(self, videos, questions, *, start=None, end=None,

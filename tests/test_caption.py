@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pllava_fast import caption
+from pllava_fast import caption, cli
 
 # -- pure parts -----------------------------------------------------------------------------------
 
@@ -117,7 +117,7 @@ def _rows(path):
 
 def test_direct_mode_with_corrupt_video(clips, tiny_dir, capsys):
     paths, corrupt = clips
-    rc = caption.main([paths[0], corrupt, paths[1], "--model", tiny_dir, "--json",
+    rc = cli.main(["caption", paths[0], corrupt, paths[1], "--model", tiny_dir, "--json",
                        "--batch-size", "2", "--max-new-tokens", "4"])
     assert rc == caption.EXIT_SOME_FAILED
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -128,10 +128,10 @@ def test_direct_mode_with_corrupt_video(clips, tiny_dir, capsys):
 
 
 def test_usage_errors_have_exit_code_2(tmp_path, tiny_dir, capsys):
-    assert caption.main(["x.mp4", "--model", str(tmp_path / "nope")]) == caption.EXIT_USAGE
-    assert caption.main(["--model", tiny_dir]) == caption.EXIT_USAGE
-    assert caption.main(["--input", str(tmp_path), "--model", tiny_dir]) == caption.EXIT_USAGE
-    assert caption.main(["x.mp4", "--model", tiny_dir, "--pooling", "1,2"]) == caption.EXIT_USAGE
+    assert cli.main(["caption", "x.mp4", "--model", str(tmp_path / "nope")]) == caption.EXIT_USAGE
+    assert cli.main(["caption", "--model", tiny_dir]) == caption.EXIT_USAGE
+    assert cli.main(["caption", "--input", str(tmp_path), "--model", tiny_dir]) == caption.EXIT_USAGE
+    assert cli.main(["caption", "x.mp4", "--model", tiny_dir, "--pooling", "1,2"]) == caption.EXIT_USAGE
     err = capsys.readouterr().err
     assert "model directory not found" in err and "nothing to caption" in err
     assert "--input needs --output" in err and "--pooling" in err

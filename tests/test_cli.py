@@ -93,3 +93,49 @@ def test_console_script_and_errors(tmp_path, clip):
                           timeout=120)
     assert proc.returncode == 2 and "model directory not found" in proc.stderr
     assert cli.main([]) == 2
+
+
+@pytest.mark.parametrize("sub", ["caption", "demo", "chat", "bench"])
+def test_kv_cache_flags_parse_the_same_everywhere(sub):
+    from pllava_fast.pipeline import kv_cache_options
+
+    required = {"caption": ["x.mp4", "--model", "m"], "chat": ["x.mp4", "--model", "m"]}
+    parser = cli.build_parser()
+    args = parser.parse_args([sub, *required.get(sub, []), "--kv-cache", "int4", "--kv-window",
+                              "8", "--kv-group-size", "32", "--kv-key-quant", "channel"])
+    assert args.kv_cache == "int4"
+    assert kv_cache_options(args) == {"window": 8, "group_size": 32, "key_quant": "channel"}
+    plain = parser.parse_args([sub, *required.get(sub, [])])
+    assert plain.kv_cache == "bf16" and kv_cache_options(plain) == {}
+
+
+@pytest.mark.parametrize("sub", ["caption", "demo", "chat", "bench"])
+@pytest.mark.parametrize("flags,match", [(["--kv-window", "8"], "need --kv-cache int8 or int4"),
+                                         (["--kv-cache", "int8", "--kv-group-size", "3"],
+                                          "--kv-group-size")])
+def test_bad_kv_cache_flags_exit_2(sub, flags, match, capsys, clip, tiny_dir):
+    inputs = {"caption": [clip, "--model", tiny_dir], "chat": [clip, "--model", tiny_dir],
+              "demo": ["--video", clip, "--model", tiny_dir],
+              "bench": ["--video", clip, "--model", tiny_dir]}[sub]
+    assert cli.main([sub, *inputs, *flags]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_kv_cache_flags_reach_the_pipeline(monkeypatch, capsys, clip, tiny_dir):
+    from pllava_fast.kv_cache import QuantizedKVCache
+    from pllava_fast.pipeline import VideoPipeline
+
+    pipes = []
+    load = VideoPipeline.from_pretrained.__func__
+    monkeypatch.setattr(VideoPipeline, "from_pretrained", classmethod(
+        lambda cls, *a, **kw: pipes.append(load(cls, *a, **kw)) or pipes[-1]))
+    assert cli.main(["caption", clip, "--model", tiny_dir, "--max-new-tokens", "3", "--kv-cache",
+                     "int8", "--kv-window", "8", "--kv-group-size", "32", "--kv-key-quant",
+                     "channel"]) == 0
+    assert capsys.readouterr().out.startswith(f"{clip}: ")
+    cache = pipes[0].make_cache()
+    assert isinstance(cache, QuantizedKVCache)
+    assert (cache.bits, cache.window, cache.group_size, cache.key_quant) == (8, 8, 32, "channel")
+    assert cli.main(["demo", "--video", clip, "--model", tiny_dir, "--max-new-tokens", "2",
+                     "--kv-cache", "int4", "--kv-window", "16"]) == 0
+    assert (pipes[1].kv_cache, pipes[1].kv_cache_options) == ("int4", {"window": 16})

@@ -3,7 +3,7 @@ import json
 
 import av
 
-from pllava_fast import demo
+from pllava_fast import cli, demo
 
 
 def test_make_clip_writes_a_playable_h264_clip(tmp_path):
@@ -17,7 +17,7 @@ def test_make_clip_writes_a_playable_h264_clip(tmp_path):
 
 
 def test_demo_without_arguments_runs_end_to_end(capsys):
-    assert demo.main(["--max-new-tokens", "4"]) == 0
+    assert cli.main(["demo", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "answer:" in out and "generated clip" in out
     for stage in ("decode", "preprocess", "vision", "projector", "prefill", "TTFT"):
@@ -29,7 +29,7 @@ def test_demo_with_given_video_and_model_json(capsys, tmp_path):
 
     model = save_tiny_pllava(tmp_path / "m", num_frames=2, pooling_shape=(2, 1, 1))
     video = demo.make_clip(tmp_path / "v.mp4", num_frames=3, height=32, width=32)
-    rc = demo.main(["--video", video, "--model", model, "--question", "Why?",
+    rc = cli.main(["demo", "--video", video, "--model", model, "--question", "Why?",
                     "--max-new-tokens", "3", "--json", "--kv-cache", "int8"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
@@ -38,6 +38,6 @@ def test_demo_with_given_video_and_model_json(capsys, tmp_path):
 
 
 def test_demo_missing_inputs_exit_2(tmp_path, capsys):
-    assert demo.main(["--video", str(tmp_path / "nope.mp4")]) == 2
-    assert demo.main(["--model", str(tmp_path / "nope")]) == 2
+    assert cli.main(["demo", "--video", str(tmp_path / "nope.mp4")]) == 2
+    assert cli.main(["demo", "--model", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err

@@ -221,3 +221,83 @@ def test_quantized_cache_is_installed_in_generate(tiny, tokenizer, kind):
     assert out.shape[1] == inputs["input_ids"].shape[1] + 4
     with pytest.raises(ValueError, match="needs pllava-fast attention"):
         pllava_fast.patch(llava, kv_cache=kind, attention="eager")
+
+
+# -- from_pretrained(kv_cache=..., kv_cache_options=..., device_map=...) --------------------------
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return pllava_fast.testing.save_tiny_pllava(tmp_path_factory.mktemp("tiny") / "model",
+                                                num_frames=4, pooling_shape=(4, 2, 2))
+
+
+def _greedy(model, tok, **kwargs):
+    with torch.no_grad():
+        return model.generate(**_pllava_inputs(model, tok, videos=1), max_new_tokens=6,
+                              do_sample=False, return_dict_in_generate=True, **kwargs)
+
+
+def test_from_pretrained_quantized_cache_with_options(tiny_dir, monkeypatch):
+    from pllava_fast import kv_cache
+    from pllava_fast.kv_cache import QuantizedKVCache
+
+    built = []
+    make_cache = kv_cache.make_cache
+    monkeypatch.setattr(kv_cache, "make_cache",
+                        lambda *a, **kw: built.append((a, kw)) or make_cache(*a, **kw))
+    model = pllava_fast.PllavaForConditionalGeneration.from_pretrained(
+        tiny_dir, kv_cache="int8", kv_cache_options={"window": 8, "group_size": 32, "block": 8})
+    assert patching.is_patched(model)
+    out = _greedy(model, pllava_fast.testing.build_tokenizer())
+    assert out.sequences.shape[1] > 6
+    cache = getattr(out, "cache", None) or out.past_key_values
+    assert isinstance(cache, QuantizedKVCache)
+    assert (cache.bits, cache.window, cache.group_size, cache.block) == (8, 8, 32, 8)
+    assert cache.layers[0].n_quant > 0  # the prompt outgrew the 8-token window
+    # checked once at load time, then built by the generate() wrapper with the same options
+    assert [kw for _, kw in built][-1] == {"config": model.config, "window": 8, "group_size": 32,
+                                           "block": 8}
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kv_cache="int8", kv_cache_options={"window": -1}), "window"),
+    (dict(kv_cache="int4", kv_cache_options={"group_size": 3}), "group_size"),
+    (dict(kv_cache="int4", kv_cache_options={"group_size": 32.0}), "group_size"),
+    (dict(kv_cache="int4", kv_cache_options={"key_quant": "head"}), "key_quant"),
+    (dict(kv_cache="int8", kv_cache_options={"windows": 8}), "unknown kv_cache_options"),
+    (dict(kv_cache="int8", kv_cache_options=[("window", 8)]), "must be a dict"),
+    (dict(kv_cache="bf16", kv_cache_options={"window": 8}), "quantized caches only"),
+    (dict(kv_cache="fp8"), "kv_cache must be one of"),
+    (dict(kv_cache="int8", attn_implementation="eager"), "pllava-fast attention"),
+    (dict(device="cpu", device_map="auto"), "device or device_map"),
+    (dict(max_memory={"cpu": "1GiB"}), "max_memory needs a device_map"),
+    (dict(device_map="everywhere"), "device_map must be"),
+])
+def test_from_pretrained_rejects_bad_arguments(tiny_dir, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pllava_fast.PllavaForConditionalGeneration.from_pretrained(tiny_dir, **kwargs)
+
+
+def test_patch_checks_kv_cache_options(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="quantized caches only"):
+        pllava_fast.patch(model, kv_cache="bf16", kv_cache_options={"window": 8})
+    with pytest.raises(ValueError, match="block"):
+        pllava_fast.patch(model, kv_cache="int4", kv_cache_options={"block": 24})
+    assert not patching.is_patched(model)
+    pllava_fast.patch(model, kv_cache="int4", kv_cache_options={"window": 16, "key_quant": "channel"})
+    try:
+        assert vars(model)[patching._STATE]["kv_cache_options"] == {"window": 16, "key_quant": "channel"}
+    finally:
+        pllava_fast.unpatch(model)
+
+
+@pytest.mark.parametrize("device_map,max_memory", [({"": "cpu"}, None), ("sequential", {"cpu": "1GiB"})])
+def test_from_pretrained_device_map_same_greedy_tokens(tiny_dir, device_map, max_memory):
+    from pllava_fast.model import PllavaForConditionalGeneration
+
+    tok = pllava_fast.testing.build_tokenizer()
+    want = _greedy(PllavaForConditionalGeneration.from_pretrained(tiny_dir), tok).sequences
+    split = PllavaForConditionalGeneration.from_pretrained(tiny_dir, device_map=device_map,
+                                                          max_memory=max_memory)
+    assert hasattr(split, "hf_device_map")  # placed by accelerate
+    assert torch.equal(_greedy(split, tok).sequences, want)

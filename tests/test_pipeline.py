@@ -125,3 +125,33 @@ def test_device_map_dispatch_keeps_answers(model_dir, pipe, clips):
     assert auto(clips[:1], QUESTION, max_new_tokens=6).texts == want.texts
     with pytest.raises(ValueError, match="device_map"):
         VideoPipeline.from_pretrained(model_dir, device_map="everywhere")
+
+
+def test_kv_cache_options_reach_make_cache(model_dir, clips, monkeypatch):
+    from pllava_fast import kv_cache
+    from pllava_fast.kv_cache import QuantizedKVCache
+
+    qpipe = VideoPipeline.from_pretrained(
+        model_dir, kv_cache="int4", kv_cache_options={"window": 8, "group_size": 32,
+                                                      "key_quant": "channel"})
+    built = []
+    make_cache = kv_cache.make_cache
+    monkeypatch.setattr(kv_cache, "make_cache",
+                        lambda *a, **kw: built.append(kw) or make_cache(*a, **kw))
+    out = qpipe(clips[:1], QUESTION, max_new_tokens=4)
+    assert len(out.texts) == 1
+    assert built == [{"config": qpipe.model.config, "window": 8, "group_size": 32,
+                      "key_quant": "channel"}]
+    cache = qpipe.make_cache()
+    assert isinstance(cache, QuantizedKVCache)
+    assert (cache.bits, cache.window, cache.group_size, cache.key_quant) == (4, 8, 32, "channel")
+
+
+def test_bad_kv_cache_options(pipe, model_dir):
+    with pytest.raises(ValueError, match="quantized caches only"):
+        VideoPipeline(pipe.model, pipe.tokenizer, kv_cache_options={"window": 8})
+    with pytest.raises(ValueError, match="group_size"):
+        VideoPipeline(pipe.model, pipe.tokenizer, kv_cache="int8",
+                      kv_cache_options={"group_size": 48})
+    with pytest.raises(ValueError, match="unknown kv_cache_options"):
+        VideoPipeline.from_pretrained(model_dir, kv_cache="int8", kv_cache_options={"bits": 2})
