@@ -79,7 +79,8 @@ def kv_cache_options(args) -> dict:
                for key, flag in _KV_FLAGS.items()}
     options = {k: v for k, v in options.items() if v is not None}
     if options and args.kv_cache == "bf16":
-        raise UsageError(f"{', '.join(_KV_FLAGS[k] for k in options)} need --kv-cache int8 or int4")
+        raise UsageError(f"{', '.join(_KV_FLAGS[k] for k in options)}: only with --kv-cache int8 "
+                         "or int4")
     try:
         return check_kv_cache_options(args.kv_cache, options)
     except ValueError as exc:

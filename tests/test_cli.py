@@ -110,7 +110,7 @@ def test_kv_cache_flags_parse_the_same_everywhere(sub):
 
 
 @pytest.mark.parametrize("sub", ["caption", "demo", "chat", "bench"])
-@pytest.mark.parametrize("flags,match", [(["--kv-window", "8"], "need --kv-cache int8 or int4"),
+@pytest.mark.parametrize("flags,match", [(["--kv-window", "8"], "--kv-window: only with --kv-cache int8"),
                                          (["--kv-cache", "int8", "--kv-group-size", "3"],
                                           "--kv-group-size")])
 def test_bad_kv_cache_flags_exit_2(sub, flags, match, capsys, clip, tiny_dir):
