@@ -6,7 +6,8 @@
 * Decode attention, one new token per sequence, 32 heads x 128: baseline bf16
   ``F.scaled_dot_product_attention`` over a bf16 cache vs ``pllava_fast.ops.decode_attention``
   over an int8 / int4 cache (128-token bf16 window). GPU: contexts 1k / 2.4k / 8k / 32k, batch
-  1 / 8 / 32 (the Triton kernel). CPU: a reduced set, and ours is the chunked torch path.
+  1 / 8 / 32 (the Triton kernel). CPU: a reduced set, and ours is the torch path (chunked codes -> fp32
+  + batched matmuls).
 * Greedy agreement: teacher-forced per-step argmax agreement with DynamicCache on the toy
   induction model of the tests (20 prompts, 320-token contexts, window 16).
 
@@ -127,8 +128,8 @@ def main():
         contexts, batches, note = (1024, 2400, 8192, 32768), (1, 8, 32), "Triton decode kernel"
     else:
         contexts, batches, note = (1024, 2400), (1, 8), (
-            "CPU: reduced set; ours is the chunked torch path (dequantizes 1024-token chunks), not the "
-            "GPU kernel")
+            "CPU: reduced set; ours is the torch path (token chunks of codes converted to fp32 in a reused "
+            "buffer, scales folded into q / p, batched matmuls), not the GPU kernel")
     mem, int8_ratio, int4_ratio = memory_records(device)
     recs = mem + latency_records(device, contexts, batches, args.repeats) + agreement_records()
     path = write_results("kv_cache", recs, device=device, dtype=torch.bfloat16,

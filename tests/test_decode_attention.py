@@ -95,6 +95,20 @@ def test_cpu_op_matches_sdpa_over_dequantized(case):
                                ref.float(), **tol)
 
 
+@pytest.mark.parametrize("case", [
+    dict(b=2, tq=150, tw=5, hq=8, hkv=2, d=80, bits=4, group=32, pads=[0, 40]),  # int4, partial group
+    dict(b=2, tq=128, tw=0, hq=6, hkv=3, d=48, bits=4, key_block=32, pads=[9, 0]),  # no window
+    dict(b=1, tq=96, tw=2, hq=4, hkv=1, d=64, bits=8, group=128),  # group wider than the head
+    dict(b=2, tq=200, tw=3, hq=4, hkv=2, d=32, bits=16, pads=[0, 150]),
+])
+@pytest.mark.parametrize("chunk", [None, 16, 32, 1000])
+def test_cpu_op_chunking(case, chunk):
+    # the CPU path's chunk loop (full and partial chunks, one chunk, reused buffers) and layouts
+    args, *_ = make_inputs(**case)
+    out = ops._decode_attention_torch(*args.values(), chunk=chunk)
+    torch.testing.assert_close(out, da.decode_attention_ref(**args), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("bits", [4, 8, 16])
 def test_kernel_bf16_cuda(bits):
