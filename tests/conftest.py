@@ -42,3 +42,12 @@ def shared_videos():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random PLLaVA (4 frames, pooling (4, 2, 2)) saved in the checkpoint layout."""
+    from pllava_fast.testing import save_tiny_pllava
+
+    return save_tiny_pllava(tmp_path_factory.mktemp("tiny") / "model", num_frames=4,
+                            pooling_shape=(4, 2, 2))

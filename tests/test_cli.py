@@ -12,11 +12,8 @@ from pllava_fast.demo import make_clip
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from pllava_fast.testing import save_tiny_pllava
-
-    return save_tiny_pllava(tmp_path_factory.mktemp("tiny") / "model", num_frames=4,
-                            pooling_shape=(4, 2, 2))
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

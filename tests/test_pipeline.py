@@ -10,11 +10,8 @@ QUESTION = "What is happening in the video?"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from pllava_fast.testing import save_tiny_pllava
-
-    return save_tiny_pllava(tmp_path_factory.mktemp("tiny") / "model", num_frames=4,
-                            pooling_shape=(4, 2, 2))
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from torch import nn
 from pllava_fast import ops, plots
 from pllava_fast import profile as prof
 from pllava_fast.cli import main as cli_main
+from pllava_fast.demo import make_clip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,24 +33,10 @@ def tiny_model(tiny):
     return tiny[0]
 
 
-def _write_clip(path: Path, frames: int = 12, size=(64, 48), codec="mpeg4") -> Path:
-    """A small clip with a moving bright square, written with PyAV."""
-    import av
-
+def _write_clip(path: Path, frames: int = 12, size=(64, 48)) -> Path:
+    """A small clip of moving shapes (the demo's generator), mpeg4 so any size works."""
     w, h = size
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=Fraction(12, 1))
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for i in range(frames):
-            img = np.full((h, w, 3), 40, np.uint8)
-            x = (i * 4) % (w - 16)
-            img[10:26, x:x + 16] = (250, 200, 30)
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    return Path(make_clip(path, num_frames=frames, height=h, width=w, codec="mpeg4"))
 
 
 @pytest.fixture(scope="module")
