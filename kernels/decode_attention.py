@@ -54,40 +54,56 @@ def _attend(qe, qo, ke, ko, ve, vo, valid, m, l, acc_e, acc_o, IEEE: tl.constexp
 
 
 @triton.jit
-def _load_fp(ptr, t, j, mask):
-    """Even and odd channels of a (BLOCK_T, HALF) tile of a floating (T, D) row-major slab."""
-    xe = tl.load(ptr + t[:, None] + 2 * j[None, :], mask=mask, other=0.0).to(tl.float32)
-    xo = tl.load(ptr + t[:, None] + 2 * j[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
-    return xe, xo
+def _pairs(x):
+    """A (T, 2H) tile -> its even and odd columns, each (T, H)."""
+    return tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
 
 
 @triton.jit
-def _load_dequant(c_ptr, s_ptr, z_ptr, t, j, mask, stride_ct, stride_st,
-                  BITS: tl.constexpr, TG: tl.constexpr, DG: tl.constexpr):
+def _load_fp(ptr, t, tmask, D: tl.constexpr, HALF: tl.constexpr):
+    """Even and odd channels of a (BLOCK_T, HALF) tile of a floating (T, D) row-major slab."""
+    # one contiguous (BLOCK_T, 2 * HALF) load split in registers: two stride-2 loads would be
+    # scalar on GPU, this one is vectorised
+    d = tl.arange(0, 2 * HALF)
+    x = tl.load(ptr + t[:, None] + d[None, :], mask=tmask[:, None] & (d[None, :] < D), other=0.0)
+    xe, xo = _pairs(x)
+    return xe.to(tl.float32), xo.to(tl.float32)
+
+
+@triton.jit
+def _load_dequant(c_ptr, s_ptr, z_ptr, t, tmask, stride_ct, stride_st, D: tl.constexpr,
+                  HALF: tl.constexpr, BITS: tl.constexpr, TG: tl.constexpr, DG: tl.constexpr):
     """Dequantized even / odd channel tiles; scale of element (t, d) at [t // TG, d // DG]."""
     if BITS == 16:
-        xe, xo = _load_fp(c_ptr, t * stride_ct, j, mask)
+        xe, xo = _load_fp(c_ptr, t * stride_ct, tmask, D, HALF)
     else:
-        crow = t[:, None] * stride_ct
+        srow = (t[:, None] // TG) * stride_st
         if BITS == 4:
-            c = tl.load(c_ptr + crow + j[None, :], mask=mask, other=0)
+            j = tl.arange(0, HALF)
+            mask = tmask[:, None] & (j[None, :] < D // 2)
+            c = tl.load(c_ptr + t[:, None] * stride_ct + j[None, :], mask=mask, other=0)
             qe = (c & 15).to(tl.float32)
             qo = (c >> 4).to(tl.float32)
+            if DG > 1:
+                # a group never splits an (even, odd) channel pair: one scale load serves both
+                se = tl.load(s_ptr + srow + (2 * j[None, :]) // DG, mask=mask, other=0.0)
+                ze = tl.load(z_ptr + srow + (2 * j[None, :]) // DG, mask=mask, other=0.0)
+                so = se
+                zo = ze
+            else:
+                d = tl.arange(0, 2 * HALF)
+                mask2 = tmask[:, None] & (d[None, :] < D)
+                se, so = _pairs(tl.load(s_ptr + srow + d[None, :], mask=mask2, other=0.0))
+                ze, zo = _pairs(tl.load(z_ptr + srow + d[None, :], mask=mask2, other=0.0))
+            xe = qe * se + ze
+            xo = qo * so + zo
         else:
-            qe = tl.load(c_ptr + crow + 2 * j[None, :], mask=mask, other=0).to(tl.float32)
-            qo = tl.load(c_ptr + crow + 2 * j[None, :] + 1, mask=mask, other=0).to(tl.float32)
-        srow = (t[:, None] // TG) * stride_st
-        se = tl.load(s_ptr + srow + (2 * j[None, :]) // DG, mask=mask, other=0.0)
-        ze = tl.load(z_ptr + srow + (2 * j[None, :]) // DG, mask=mask, other=0.0)
-        if DG > 1:
-            # a group never splits an (even, odd) channel pair: one scale load serves both
-            so = se
-            zo = ze
-        else:
-            so = tl.load(s_ptr + srow + 2 * j[None, :] + 1, mask=mask, other=0.0)
-            zo = tl.load(z_ptr + srow + 2 * j[None, :] + 1, mask=mask, other=0.0)
-        xe = qe * se + ze
-        xo = qo * so + zo
+            d = tl.arange(0, 2 * HALF)
+            mask2 = tmask[:, None] & (d[None, :] < D)
+            q = tl.load(c_ptr + t[:, None] * stride_ct + d[None, :], mask=mask2, other=0)
+            sc = tl.load(s_ptr + srow + d[None, :] // DG, mask=mask2, other=0.0)
+            zr = tl.load(z_ptr + srow + d[None, :] // DG, mask=mask2, other=0.0)
+            xe, xo = _pairs(q.to(tl.float32) * sc + zr)
     return xe, xo
 
 
@@ -101,9 +117,12 @@ def _decode_split_kernel(
     svc_b, svc_h, svc_t, svs_b, svs_h, svs_t,
     skw_b, skw_h, skw_t, svw_b, svw_h, svw_t,
     smask_b,
+    # a runtime value, not a constexpr: the split count follows the cache length (1..64 as a
+    # sequence grows), and a constexpr would compile a new kernel for each count mid-generation
+    NUM_SPLITS,
     HKV: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     KTG: tl.constexpr, KDG: tl.constexpr, VDG: tl.constexpr, HAS_MASK: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
     HALF: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -113,7 +132,8 @@ def _decode_split_kernel(
     hk = (pid_bh % HKV).to(tl.int64)
     r = tl.arange(0, BLOCK_R)
     j = tl.arange(0, HALF)
-    dmask = 2 * j < D
+    # the lanes of `2 * j < D` (D is even) in a form whose constancy along j the compiler sees
+    dmask = j < D // 2
     qmask = (r[:, None] < R) & dmask[None, :]
     q_row = q_ptr + b * sq_b + (hk * R + r[:, None]) * sq_h + 2 * j[None, :]
     qe = (tl.load(q_row, mask=qmask, other=0.0).to(tl.float32) * qk_scale).to(q_ptr.dtype.element_ty)
@@ -136,9 +156,8 @@ def _decode_split_kernel(
         for t0 in range(start, end, BLOCK_T):
             t = t0 + tt
             tmask = t < end
-            mask = tmask[:, None] & dmask[None, :]
-            ke, ko = _load_dequant(kc, ks, kz, t, j, mask, skc_t, sks_t, BITS, KTG, KDG)
-            ve, vo = _load_dequant(vc, vs, vz, t, j, mask, svc_t, svs_t, BITS, 1, VDG)
+            ke, ko = _load_dequant(kc, ks, kz, t, tmask, skc_t, sks_t, D, HALF, BITS, KTG, KDG)
+            ve, vo = _load_dequant(vc, vs, vz, t, tmask, svc_t, svs_t, D, HALF, BITS, 1, VDG)
             valid = tmask
             if HAS_MASK:
                 valid = valid & (tl.load(mask_ptr + b * smask_b + t, mask=tmask, other=0) != 0)
@@ -149,9 +168,8 @@ def _decode_split_kernel(
         for t0 in range(0, TW, BLOCK_T):
             t = t0 + tt
             tmask = t < TW
-            mask = tmask[:, None] & dmask[None, :]
-            ke, ko = _load_fp(kw, t * skw_t, j, mask)
-            ve, vo = _load_fp(vw, t * svw_t, j, mask)
+            ke, ko = _load_fp(kw, t * skw_t, tmask, D, HALF)
+            ve, vo = _load_fp(vw, t * svw_t, tmask, D, HALF)
             valid = tmask
             if HAS_MASK:
                 valid = valid & (tl.load(mask_ptr + b * smask_b + TQ + t, mask=tmask, other=0) != 0)
@@ -168,8 +186,9 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _reduce_splits_kernel(o_ptr, m_ptr, l_ptr, out_ptr, S: tl.constexpr, D: tl.constexpr,
+def _reduce_splits_kernel(o_ptr, m_ptr, l_ptr, out_ptr, S, D: tl.constexpr,
                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # S (splits + 1) is a runtime value for the same reason as NUM_SPLITS above
     pid = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
@@ -186,6 +205,17 @@ def _reduce_splits_kernel(o_ptr, m_ptr, l_ptr, out_ptr, S: tl.constexpr, D: tl.c
     # a sequence that sees no key at all (fully padded) gets zeros, not NaN
     out = num / tl.where(den > 0, den, 1.0)
     tl.store(out_ptr + pid * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def _split_blocks(d: int, r: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_T, HALF) of the split kernel for head dim ``d`` and GQA group ``r``.
+
+    Every dot dim is kept >= 16, the smallest MMA tile on NVIDIA GPUs: a group of 1 or 7 query
+    heads is padded to 16 masked rows. Shared with the sm_90 AOT test.
+    """
+    block_t = 64 if d <= 128 else 32
+    half = max(16, triton.next_power_of_2(d) // 2)
+    return max(16, triton.next_power_of_2(r)), block_t, half
 
 
 def _num_splits(device: torch.device, programs: int, blocks: int) -> int:
@@ -205,9 +235,7 @@ def _decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_w
     hkv, tq = k_codes.shape[1], k_codes.shape[2]
     tw = k_win.shape[2]
     r = hq // hkv
-    block_t = 64 if d <= 128 else 32
-    half = max(16, triton.next_power_of_2(d) // 2)
-    block_r = max(16, triton.next_power_of_2(r))
+    block_r, block_t, half = _split_blocks(d, r)
     blocks = triton.cdiv(tq, block_t)
     splits = num_splits or _num_splits(q.device, b * hkv, blocks)
     splits = max(1, min(splits, max(blocks, 1)))
@@ -231,13 +259,13 @@ def _decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_w
         q.stride(0), q.stride(1),
         *stride(k_codes), *stride(k_scale), *stride(v_codes), *stride(v_scale),
         *stride(k_win), *stride(v_win),
-        kv_mask.stride(0) if kv_mask is not None else 0,
+        kv_mask.stride(0) if kv_mask is not None else 0, splits,
         HKV=hkv, R=r, D=d, BITS=bits, KTG=key_tg, KDG=key_dg, VDG=group_size,
-        HAS_MASK=kv_mask is not None, NUM_SPLITS=splits, BLOCK_R=block_r, BLOCK_T=block_t,
+        HAS_MASK=kv_mask is not None, BLOCK_R=block_r, BLOCK_T=block_t,
         HALF=half, IEEE=q.dtype == torch.float32,
         num_warps=4)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-    _reduce_splits_kernel[(b * hq,)](o, m, l, out, S=s_total, D=d,
+    _reduce_splits_kernel[(b * hq,)](o, m, l, out, s_total, D=d,
                                      BLOCK_S=triton.next_power_of_2(s_total),
                                      BLOCK_D=triton.next_power_of_2(d))
     return out

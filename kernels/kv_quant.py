@@ -113,6 +113,13 @@ def _code_width(d: int, bits: int) -> int:
     return d // 2 if bits == 4 else d
 
 
+def _group_blocks(d: int, group_size: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_NG) of the token-group kernel (shared with the sm_90 AOT test)."""
+    block_ng = triton.next_power_of_2(triton.cdiv(d, group_size))
+    # ~4k elements per program keeps registers modest on GPU and programs few under the interpreter
+    return max(1, min(64, 4096 // (block_ng * group_size))), block_ng
+
+
 def _quantize_groups(x: Tensor, bits: int, group_size: int):
     """Triton launcher: token-group quantization of ``x`` (N, D) -> (codes, scale, zero)."""
     _check(x, bits)
@@ -124,9 +131,7 @@ def _quantize_groups(x: Tensor, bits: int, group_size: int):
     codes = torch.empty(n, _code_width(d, bits), dtype=torch.uint8, device=x.device)
     scale = torch.empty(n, ng, dtype=torch.float32, device=x.device)
     zero = torch.empty_like(scale)
-    block_ng = triton.next_power_of_2(ng)
-    # ~4k elements per program keeps registers modest on GPU and programs few under the interpreter
-    block_n = max(1, min(64, 4096 // (block_ng * group_size)))
+    block_n, block_ng = _group_blocks(d, group_size)
     if n:
         _quantize_groups_kernel[(triton.cdiv(n, block_n),)](
             x, codes, scale, zero, n, D=d, G=group_size, NG=ng, BITS=bits,
