@@ -1,4 +1,4 @@
-"""The KV kernels' GPU path without a GPU: Triton compiles them ahead of time for sm_90 (bundled
+"""The kernels' GPU path without a GPU: Triton compiles them ahead of time for sm_90 (bundled
 ptxas) with the constexprs their CUDA launchers choose.
 
 The CPU tests run the kernels under TRITON_INTERPRET=1, which accepts what real compilation
@@ -120,3 +120,42 @@ def test_kv_kernels_compile_for_sm90():
     assert proc.returncode == 0, proc.stderr[-3000:]
     for line in ("quant ok", "decode ok", "reduce ok"):
         assert line in proc.stdout, proc.stdout
+
+
+_COMPILE_POOLING_CONFIGS = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from pllava_fast.kernels import norms, pooling
+
+    target = GPUTarget("cuda", 90, 32)
+    ints = ["M", "n_tokens", "T", "H", "W", "C", "PT", "PH", "PW"]
+    consts = ["KT", "KH", "KW", "UNROLL", "ACT", "NORMS", "BLOCK_M", "BLOCK_C"]
+    sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "scratch_ptr": "*fp32",
+           **{n: "i32" for n in ints}, **{n: "constexpr" for n in consts}}
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 4, 8)}
+    # every autotune candidate must compile: one that fails aborts tuning on the GPU
+    for cfg in pooling._cuda_configs():
+        values = dict(zip(consts, (1, 2, 2, True, 0, True, cfg.kwargs["BLOCK_M"],
+                                   cfg.kwargs["BLOCK_C"])))
+        triton.compile(ASTSource(pooling._pool_visual_tokens_kernel, sig, values, aligned),
+                       target=target, options={"num_warps": cfg.num_warps})
+    sig = {"x_ptr": "*fp16", "out_ptr": "*fp32", "R": "i32", "L": "i32", "C": "i32",
+           "stride_n": "i64", "stride_l": "i64", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 4, 5, 6)}
+    for cfg in norms._token_norms_kernel_tuned.configs:
+        triton.compile(ASTSource(norms._token_norms_kernel, sig, dict(cfg.kwargs), aligned),
+                       target=target, options={"num_warps": cfg.num_warps})
+    print("configs ok")
+""")
+
+
+def test_pooling_autotune_configs_compile_for_sm90():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_POOLING_CONFIGS], env=env,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("no ptxas available to this Triton")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "configs ok" in proc.stdout
