@@ -31,12 +31,27 @@ def _codes(x, mn, scale, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _store_codes(codes_ptr, row_off, col_half, qe, qo, mask, D: tl.constexpr, BITS: tl.constexpr):
+def _split_last(x):
+    """(..., 2K) -> its even and odd entries along the last axis, each (..., K)."""
+    shape: tl.constexpr = x.shape
+    return tl.split(tl.reshape(x, shape[:-1] + [shape[-1] // 2, 2]))
+
+
+@triton.jit
+def _join_last(xe, xo):
+    """Inverse of ``_split_last``: interleave along the last axis."""
+    shape: tl.constexpr = xe.shape
+    return tl.reshape(tl.join(xe, xo), shape[:-1] + [shape[-1] * 2])
+
+
+@triton.jit
+def _store_codes(codes_ptr, row_off, col, col_half, qe, qo, mask, half_mask,
+                 D: tl.constexpr, BITS: tl.constexpr):
     if BITS == 4:
-        tl.store(codes_ptr + row_off * (D // 2) + col_half, qe | (qo << 4), mask=mask)
+        tl.store(codes_ptr + row_off * (D // 2) + col_half, qe | (qo << 4), mask=half_mask)
     else:
-        tl.store(codes_ptr + row_off * D + 2 * col_half, qe, mask=mask)
-        tl.store(codes_ptr + row_off * D + 2 * col_half + 1, qo, mask=mask)
+        # interleave back in registers: one contiguous store instead of two stride-2 ones
+        tl.store(codes_ptr + row_off * D + col, _join_last(qe, qo), mask=mask)
 
 
 @triton.jit
@@ -54,9 +69,11 @@ def _quantize_groups_kernel(
     pair = tl.arange(0, G // 2)
     r3 = rows[:, None, None]
     col_half = grp[None, :, None] * (G // 2) + pair[None, None, :]
-    mask = (r3 < N) & (2 * col_half < D)
-    xe = tl.load(x_ptr + r3 * D + 2 * col_half, mask=mask, other=0.0).to(tl.float32)
-    xo = tl.load(x_ptr + r3 * D + 2 * col_half + 1, mask=mask, other=0.0).to(tl.float32)
+    mask = (r3 < N) & (col_half < D // 2)
+    # whole rows are loaded contiguously (vectorised on GPU) and split into even / odd channels
+    col = grp[None, :, None] * G + tl.arange(0, G)[None, None, :]
+    full_mask = (r3 < N) & (col < D)
+    xe, xo = _split_last(tl.load(x_ptr + r3 * D + col, mask=full_mask, other=0.0).to(tl.float32))
     inf = float("inf")
     mn = tl.minimum(tl.min(tl.where(mask, xe, inf), axis=2), tl.min(tl.where(mask, xo, inf), axis=2))
     mx = tl.maximum(tl.max(tl.where(mask, xe, -inf), axis=2), tl.max(tl.where(mask, xo, -inf), axis=2))
@@ -67,7 +84,7 @@ def _quantize_groups_kernel(
     tl.store(zero_ptr + rows[:, None] * NG + grp[None, :], mn, mask=gmask)
     qe = _codes(xe, mn[:, :, None], scale[:, :, None], 2 ** BITS - 1)
     qo = _codes(xo, mn[:, :, None], scale[:, :, None], 2 ** BITS - 1)
-    _store_codes(codes_ptr, r3, col_half, qe, qo, mask, D, BITS)
+    _store_codes(codes_ptr, r3, col, col_half, qe, qo, full_mask, mask, D, BITS)
 
 
 @triton.jit
@@ -79,12 +96,13 @@ def _quantize_channels_kernel(
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     col_half = tl.arange(0, BLOCK_HALF)
-    mask = (col_half[None, :] * 2 < D) & (rows[:, None] >= 0)
+    mask = (col_half[None, :] < D // 2) & (rows[:, None] >= 0)
     r2 = rows[:, None]
     c2 = col_half[None, :]
-    xe = tl.load(x_ptr + r2 * D + 2 * c2, mask=mask, other=0.0).to(tl.float32)
-    xo = tl.load(x_ptr + r2 * D + 2 * c2 + 1, mask=mask, other=0.0).to(tl.float32)
-    cmask = col_half * 2 < D
+    col = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+    full_mask = (col < D) & (r2 >= 0)
+    xe, xo = _split_last(tl.load(x_ptr + r2 * D + col, mask=full_mask, other=0.0).to(tl.float32))
+    cmask = col_half < D // 2
     mn_e, mx_e = tl.min(xe, axis=0), tl.max(xe, axis=0)
     mn_o, mx_o = tl.min(xo, axis=0), tl.max(xo, axis=0)
     qmax = 2 ** BITS - 1
@@ -96,7 +114,7 @@ def _quantize_channels_kernel(
     tl.store(zero_ptr + srow + 2 * col_half + 1, mn_o, mask=cmask)
     qe = _codes(xe, mn_e[None, :], sc_e[None, :], qmax)
     qo = _codes(xo, mn_o[None, :], sc_o[None, :], qmax)
-    _store_codes(codes_ptr, r2, c2, qe, qo, mask, D, BITS)
+    _store_codes(codes_ptr, r2, col, c2, qe, qo, full_mask, mask, D, BITS)
 
 
 def _check(x: Tensor, bits: int) -> None:

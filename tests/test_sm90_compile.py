@@ -43,12 +43,14 @@ _COMPILE_KV = textwrap.dedent(r"""
         seen.add((act, *c.values()))
         sig = {"x_ptr": "*" + act, "codes_ptr": "*u8", "scale_ptr": "*fp32", "zero_ptr": "*fp32",
                "N": "i32", **{n: "constexpr" for n in c}}
-        build(kq._quantize_groups_kernel, sig, c, ptrs16(range(4)))
+        k = build(kq._quantize_groups_kernel, sig, c, ptrs16(range(4)))
+        assert vec16.search(k.asm["ptx"]), c  # rows loaded whole, then split even / odd
     for d, block, bits in ((64, 32, 4), (80, 32, 8), (128, 16, 4), (128, 128, 8)):
         c = dict(D=d, BLOCK=block, BITS=bits, BLOCK_HALF=triton.next_power_of_2(d // 2))
         sig = {"x_ptr": "*fp16", "codes_ptr": "*u8", "scale_ptr": "*fp32", "zero_ptr": "*fp32",
                **{n: "constexpr" for n in c}}
-        build(kq._quantize_channels_kernel, sig, c, ptrs16(range(4)))
+        k = build(kq._quantize_channels_kernel, sig, c, ptrs16(range(4)))
+        assert vec16.search(k.asm["ptx"]), c
     print("quant ok", len(seen) + 4, flush=True)
 
     # split kernel: GQA groups 1 / 7 (Yi-34B 56:8) / 8, head dims 64 / 80 / 128, int4 / int8 /
