@@ -207,13 +207,15 @@ def _reduce_splits_kernel(o_ptr, m_ptr, l_ptr, out_ptr, S, D: tl.constexpr,
     tl.store(out_ptr + pid * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-def _split_blocks(d: int, r: int) -> tuple[int, int, int]:
+def _split_blocks(d: int, r: int, fp32: bool = False) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_T, HALF) of the split kernel for head dim ``d`` and GQA group ``r``.
 
     Every dot dim is kept >= 16, the smallest MMA tile on NVIDIA GPUs: a group of 1 or 7 query
-    heads is padded to 16 masked rows. Shared with the sm_90 AOT test.
+    heads is padded to 16 masked rows. fp32 queries (the exactness path) take half the token
+    tile: at 64 the fp32 dot operands spill 0.7-1.4 KB per thread on sm_90, at 32 none at
+    d=128. Shared with the sm_90 AOT test.
     """
-    block_t = 64 if d <= 128 else 32
+    block_t = 64 if d <= 128 and not fp32 else 32
     half = max(16, triton.next_power_of_2(d) // 2)
     return max(16, triton.next_power_of_2(r)), block_t, half
 
@@ -235,7 +237,7 @@ def _decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_w
     hkv, tq = k_codes.shape[1], k_codes.shape[2]
     tw = k_win.shape[2]
     r = hq // hkv
-    block_r, block_t, half = _split_blocks(d, r)
+    block_r, block_t, half = _split_blocks(d, r, q.dtype == torch.float32)
     blocks = triton.cdiv(tq, block_t)
     splits = num_splits or _num_splits(q.device, b * hkv, blocks)
     splits = max(1, min(splits, max(blocks, 1)))

@@ -68,7 +68,7 @@ _COMPILE_KV = textwrap.dedent(r"""
         ("fp32", 80, 7, 4, 0, 64, False, 2), ("fp32", 128, 1, 16, 0, 64, False, 2),
     ]
     for act, d, r, bits, kb, g, has_mask, splits in cases:
-        block_r, block_t, half = da._split_blocks(d, r)
+        block_r, block_t, half = da._split_blocks(d, r, act == "fp32")
         ktg, kdg = (kb, 1) if kb else (1, g)
         c = dict(HKV=8, R=r, D=d, BITS=bits, KTG=ktg, KDG=kdg, VDG=g, HAS_MASK=has_mask,
                  BLOCK_R=block_r, BLOCK_T=block_t, HALF=half,
