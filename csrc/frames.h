@@ -134,6 +134,24 @@ inline Geometry check_frames_args(const at::Tensor& frames, const c10::optional<
   return g;
 }
 
+// The planes of a validated call as contiguous tensors; u and v stay undefined for RGB input.
+// Shared by the CPU and CUDA paths, which read the planes with plain row strides.
+struct ContiguousPlanes {
+  at::Tensor y, u, v;
+};
+
+inline ContiguousPlanes contiguous_planes(const at::Tensor& frames,
+                                          const c10::optional<at::Tensor>& u,
+                                          const c10::optional<at::Tensor>& v) {
+  ContiguousPlanes p;
+  p.y = frames.contiguous();
+  if (u.has_value()) {
+    p.u = u->contiguous();
+    p.v = v->contiguous();
+  }
+  return p;
+}
+
 at::Tensor frames_to_tensor_cpu(const at::Tensor& frames, const c10::optional<at::Tensor>& u,
                                 const c10::optional<at::Tensor>& v, int64_t matrix,
                                 bool full_range, at::IntArrayRef geometry,

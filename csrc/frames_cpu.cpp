@@ -313,12 +313,7 @@ at::Tensor frames_to_tensor_cpu(const at::Tensor& frames, const c10::optional<at
   const Geometry g = check_frames_args(frames, u, v, matrix, geometry, mean, std, dtype, &yuv);
   TORCH_CHECK(frames.device().is_cpu(), "frames_to_tensor_cpu: frames must be on the CPU, got ",
               frames.device());
-  const auto fr = frames.contiguous();
-  at::Tensor uc, vc;
-  if (yuv) {
-    uc = u->contiguous();
-    vc = v->contiguous();
-  }
+  const auto [fr, uc, vc] = contiguous_planes(frames, u, v);
   const int T = (int)fr.size(0), H = (int)fr.size(1), W = (int)fr.size(2);
   float lut[3][256];
   for (int c = 0; c < 3; ++c)

@@ -21,12 +21,7 @@ at::Tensor frames_to_tensor_cuda(const at::Tensor& frames, const c10::optional<a
   TORCH_CHECK(frames.is_cuda(), "frames_to_tensor_cuda: frames must be a CUDA tensor, got ",
               frames.device());
   const c10::cuda::CUDAGuard guard(frames.device());
-  const auto fr = frames.contiguous();
-  at::Tensor uc, vc;
-  if (yuv) {
-    uc = u->contiguous();
-    vc = v->contiguous();
-  }
+  const auto [fr, uc, vc] = contiguous_planes(frames, u, v);
   const int T = (int)fr.size(0), H = (int)fr.size(1), W = (int)fr.size(2);
   const FramePlans fp = make_frame_plans(H, W, g, /*ksize_multiple=*/1);
 
