@@ -96,9 +96,8 @@ def clips(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    testing = pytest.importorskip("pllava_fast.testing")
-    return str(testing.save_tiny_pllava(tmp_path_factory.mktemp("tiny") / "model", num_frames=4))
+def tiny_dir(tiny_model_dir):
+    return str(tiny_model_dir)  # the session's tiny checkpoint (tests/conftest.py)
 
 
 # one intra-op thread per subprocess: the tiny model gains nothing from more, and spare threads
