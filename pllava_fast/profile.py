@@ -738,9 +738,10 @@ def configure_parser(p) -> None:
 
 
 def _load_model(args):
+    from .pipeline import resolve_dtype
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(args.dtype, device)  # None: bf16 on CUDA, fp32 on CPU
     if args.model is None:
         from .testing import tiny_pllava
 
