@@ -40,24 +40,22 @@ def apply_activation(x: Tensor, act: str) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # Visual-token pooling and norms
 # ---------------------------------------------------------------------------------------------
-def _as_triple(name: str, value: Sequence[int]) -> tuple[int, int, int]:
+def _positive_ints(name: str, value: Sequence[int], n: int) -> tuple[int, ...]:
     try:
         vals = tuple(int(v) for v in value)
     except TypeError:
-        raise ValueError(f"{name} must be a sequence of 3 positive ints, got {value!r}") from None
-    if len(vals) != 3 or any(v <= 0 for v in vals):
-        raise ValueError(f"{name} must be 3 positive ints, got {value!r}")
+        raise ValueError(f"{name} must be a sequence of {n} positive ints, got {value!r}") from None
+    if len(vals) != n or any(v <= 0 for v in vals):
+        raise ValueError(f"{name} must be {n} positive ints, got {value!r}")
     return vals
+
+
+def _as_triple(name: str, value: Sequence[int]) -> tuple[int, int, int]:
+    return _positive_ints(name, value, 3)
 
 
 def _as_pair(name: str, value: Sequence[int]) -> tuple[int, int]:
-    try:
-        vals = tuple(int(v) for v in value)
-    except TypeError:
-        raise ValueError(f"{name} must be a sequence of 2 positive ints, got {value!r}") from None
-    if len(vals) != 2 or any(v <= 0 for v in vals):
-        raise ValueError(f"{name} must be 2 positive ints, got {value!r}")
-    return vals
+    return _positive_ints(name, value, 2)
 
 
 # dtypes the Triton kernels take (fp32 accumulation); others (fp64) stay on the torch path
