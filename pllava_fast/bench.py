@@ -105,13 +105,9 @@ class OriginalPipeline:
         inputs = pipe.tokenize(pipe.prompts([question] * len(videos)))
         probe = _ModelProbe(self.reference, timer, part=("vision", "vision_tower"),
                             rest="projector")
-        with torch.inference_mode(), probe:
-            timer.sync()
-            t0 = time.perf_counter()
+        with torch.inference_mode(), probe, timer.stage("model"):
             out = self.reference.generate(inputs["input_ids"], pixels, inputs["attention_mask"],
                                           max_new_tokens=max_new_tokens, eos_token_id=None)
-            timer.sync()
-            timer.add("model", time.perf_counter() - t0)
         new = out[:, inputs["input_ids"].shape[1]:]
         return new.cpu(), pipe._summarise(timer, len(videos), new)
 

@@ -390,12 +390,8 @@ class VideoPipeline:
             cache = self.make_cache()
             if cache is not None:
                 kwargs[generate_cache_kwarg(self.model)] = cache
-        with torch.inference_mode(), _ModelProbe(self.model, timer):
-            timer.sync()
-            t0 = time.perf_counter()
+        with torch.inference_mode(), _ModelProbe(self.model, timer), timer.stage("model"):
             out = self.model.generate(**inputs, streamer=streamer, **kwargs)
-            timer.sync()
-            timer.add("model", time.perf_counter() - t0)
         sequences = out.sequences if hasattr(out, "sequences") else out
         # generate() returns the prompt followed by the new tokens; keep the new ones
         new = sequences[:, prompt_len:] if sequences.shape[1] > prompt_len else sequences
