@@ -132,7 +132,9 @@ def test_kv_kernels_compile_for_sm90():
         assert line in stdout, stdout
 
 
-_COMPILE_POOLING_CONFIGS = textwrap.dedent("""
+# the pooling kernel's bf16 signature, shared by the two pooling scripts below
+_POOLING_PRELUDE = textwrap.dedent("""
+    import re
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -143,7 +145,11 @@ _COMPILE_POOLING_CONFIGS = textwrap.dedent("""
     consts = ["KT", "KH", "KW", "UNROLL", "ACT", "NORMS", "BLOCK_M", "BLOCK_C"]
     sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "scratch_ptr": "*fp32",
            **{n: "i32" for n in ints}, **{n: "constexpr" for n in consts}}
+    # what the JIT infers at launch for 16-aligned pointers and C % 16 == 0
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 4, 8)}
+""")
+
+_COMPILE_POOLING_CONFIGS = _POOLING_PRELUDE + textwrap.dedent("""
     # every autotune candidate must compile: one that fails aborts tuning on the GPU
     for cfg in pooling._cuda_configs():
         values = dict(zip(consts, (1, 2, 2, True, 0, True, cfg.kwargs["BLOCK_M"],
@@ -164,20 +170,7 @@ def test_pooling_autotune_configs_compile_for_sm90():
     assert "configs ok" in _compile_for_sm90(_COMPILE_POOLING_CONFIGS)
 
 
-_COMPILE_POOLING = textwrap.dedent("""
-    import re
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from pllava_fast.kernels import norms, pooling
-
-    target = GPUTarget("cuda", 90, 32)
-    ints = ["M", "n_tokens", "T", "H", "W", "C", "PT", "PH", "PW"]
-    consts = ["KT", "KH", "KW", "UNROLL", "ACT", "NORMS", "BLOCK_M", "BLOCK_C"]
-    sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "scratch_ptr": "*fp32",
-           **{n: "i32" for n in ints}, **{n: "constexpr" for n in consts}}
-    # what the JIT infers at launch for 16-aligned pointers and C % 16 == 0
-    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 4, 8)}
+_COMPILE_POOLING = _POOLING_PRELUDE + textwrap.dedent("""
     for unroll, window, nrm in ((True, (1, 2, 2), True), (False, (4, 5, 4), False)):
         values = dict(zip(consts, (*window, unroll, 0, nrm, 2, 1024)))
         k = triton.compile(ASTSource(pooling._pool_visual_tokens_kernel, sig, values, aligned),
