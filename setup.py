@@ -75,7 +75,8 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["pllava_fast", "pllava_fast.kernels"],
+    packages=["pllava_fast", "pllava_fast.cli", "pllava_fast.ops", "pllava_fast.profile",
+              "pllava_fast.video", "pllava_fast.kernels"],
     package_dir={"pllava_fast": "pllava_fast", "pllava_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .kv_quant import unpack_ref
+from .kv_format import dequantize_kv_ref
 
 _LOG2E = 1.4426950408889634
 
@@ -276,18 +276,6 @@ def _decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_w
 # ---------------------------------------------------------------------------------------------
 # Plain-torch references
 # ---------------------------------------------------------------------------------------------
-def dequantize_kv_ref(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, d: int,
-                      group_size: int, key_block: int = 0) -> Tensor:
-    """(B, H, T, Dc) codes + scales -> (B, H, T, D) float32 (floating codes pass through)."""
-    if bits == 16:
-        return codes.float()
-    q = unpack_ref(codes, bits).float()[..., :d]
-    if key_block:
-        return q * scale.repeat_interleave(key_block, dim=2) + zero.repeat_interleave(key_block, dim=2)
-    exp = lambda s: s.repeat_interleave(group_size, dim=-1)[..., :d]  # noqa: E731
-    return q * exp(scale) + exp(zero)
-
-
 def decode_attention_ref(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win,
                          kv_mask, bits: int, group_size: int, key_block: int, sm_scale: float):
     """fp32 SDPA over the fully dequantized cache: (B, Hq, D) in q's dtype."""

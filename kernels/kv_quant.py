@@ -1,18 +1,8 @@
-"""KV-cache quantization: asymmetric per-group int8 / int4 codes, packed on append.
+"""Triton kernels that quantize KV rows on append (format and plain-torch reference: ``kv_format.py``).
 
-Format (shared by the cache, the decode-attention kernel and the references):
-
-* ``x`` is a ``(N, D)`` floating matrix: one row per (sequence, head, token).
-* ``D`` is even (all LLM head dims are): the kernels work on (even, odd) channel pairs.
-* ``bits=8``: ``codes`` is ``(N, D)`` uint8. ``bits=4``: ``codes`` is ``(N, D // 2)`` uint8 with two
-  codes per byte, ``byte[j] = code[2j] | code[2j + 1] << 4``.
-* ``scale`` and ``zero`` are float32; ``x ~= code * scale + zero`` with ``code`` in ``[0, 2**bits - 1]``
-  and ``code = floor((x - zero) / scale + 0.5)``, ``zero = min``, ``scale = (max - min) / (2**bits - 1)``
-  over the group (``scale = 0`` for a constant group, whose codes are then 0).
-* Token groups (``quantize_groups``): ``group_size`` consecutive channels of one row; the last group
-  of a head dim that ``group_size`` does not divide is partial. ``scale``: ``(N, ceil(D / group_size))``.
-* Channel groups (``quantize_channels``, KIVI-style keys): each channel over ``block`` consecutive
-  rows (tokens of one head). ``scale``: ``(N // block, D)``.
+Input ``x`` (N, D) floating, one row per (sequence, head, token); outputs codes, scale and zero as
+``kv_format`` defines them, token groups (``_quantize_groups``) or per-channel groups over blocks of
+rows (``_quantize_channels``, KIVI-style keys).
 """
 from __future__ import annotations
 
@@ -20,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .kv_format import check_rows
 
 
 @triton.jit
@@ -117,16 +109,6 @@ def _quantize_channels_kernel(
     _store_codes(codes_ptr, r2, col, c2, qe, qo, full_mask, mask, D, BITS)
 
 
-def _check(x: Tensor, bits: int) -> None:
-    if x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"x must be a floating (N, D) matrix, got {x.dtype} {tuple(x.shape)}")
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if x.shape[1] % 2:
-        # the kernels work on (even, odd) channel pairs; int4 packs each pair into one byte
-        raise ValueError(f"KV quantization needs an even head dim, got {x.shape[1]}")
-
-
 def _code_width(d: int, bits: int) -> int:
     return d // 2 if bits == 4 else d
 
@@ -140,7 +122,7 @@ def _group_blocks(d: int, group_size: int) -> tuple[int, int]:
 
 def _quantize_groups(x: Tensor, bits: int, group_size: int):
     """Triton launcher: token-group quantization of ``x`` (N, D) -> (codes, scale, zero)."""
-    _check(x, bits)
+    check_rows(x, bits)
     if group_size < 2 or group_size & (group_size - 1):
         raise ValueError(f"group_size must be a power of two >= 2, got {group_size}")
     x = x.contiguous()
@@ -159,7 +141,7 @@ def _quantize_groups(x: Tensor, bits: int, group_size: int):
 
 def _quantize_channels(x: Tensor, bits: int, block: int):
     """Triton launcher: per-channel quantization over blocks of ``block`` rows."""
-    _check(x, bits)
+    check_rows(x, bits)
     n, d = x.shape
     if block < 1 or block & (block - 1) or n % block:
         raise ValueError(f"channel block must be a power of two dividing the rows ({n}), got {block}")
@@ -172,65 +154,3 @@ def _quantize_channels(x: Tensor, bits: int, block: int):
             x, codes, scale, zero, D=d, BLOCK=block, BITS=bits,
             BLOCK_HALF=triton.next_power_of_2(d // 2))
     return codes, scale, zero
-
-
-# ---------------------------------------------------------------------------------------------
-# Plain-torch references
-# ---------------------------------------------------------------------------------------------
-def _codes_ref(x: Tensor, mn: Tensor, scale: Tensor, bits: int) -> Tensor:
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.floor((x - mn) / safe + 0.5).clamp_(0, 2 ** bits - 1)
-    return torch.where(scale > 0, q, torch.zeros_like(q)).to(torch.uint8)
-
-
-def pack_ref(q: Tensor, bits: int) -> Tensor:
-    """Codes (..., D) uint8 -> stored bytes (two per byte for int4, low nibble first)."""
-    if bits == 8:
-        return q.contiguous()
-    return (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()
-
-
-def unpack_ref(codes: Tensor, bits: int) -> Tensor:
-    """Stored bytes -> codes (..., D) uint8."""
-    if bits == 8:
-        return codes
-    lo, hi = codes & 15, codes >> 4
-    return torch.stack((lo, hi), dim=-1).flatten(-2)
-
-
-def quantize_groups_ref(x: Tensor, bits: int, group_size: int):
-    """Token-group quantization in plain torch; same contract as ``_quantize_groups``."""
-    _check(x, bits)
-    n, d = x.shape
-    ng = -(-d // group_size)
-    xf = x.float()
-    pad = ng * group_size - d
-    xp = torch.nn.functional.pad(xf, (0, pad), value=float("nan")).view(n, ng, group_size)
-    mn = torch.where(torch.isnan(xp), torch.full_like(xp, float("inf")), xp).amin(-1)
-    mx = torch.where(torch.isnan(xp), torch.full_like(xp, float("-inf")), xp).amax(-1)
-    scale = (mx - mn) / (2 ** bits - 1)
-    exp = lambda t: t.repeat_interleave(group_size, dim=1)[:, :d]  # noqa: E731
-    q = _codes_ref(xf, exp(mn), exp(scale), bits)
-    return pack_ref(q, bits), scale, mn
-
-
-def quantize_channels_ref(x: Tensor, bits: int, block: int):
-    """Per-channel quantization over blocks of ``block`` rows in plain torch."""
-    _check(x, bits)
-    n, d = x.shape
-    xb = x.float().view(n // block, block, d)
-    mn, mx = xb.amin(1), xb.amax(1)
-    scale = (mx - mn) / (2 ** bits - 1)
-    q = _codes_ref(xb, mn[:, None], scale[:, None], bits).view(n, d)
-    return pack_ref(q, bits), scale, mn
-
-
-def dequantize_ref(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, d: int,
-                   group_size: int | None = None, block: int | None = None) -> Tensor:
-    """Codes + scales -> float32 (N, D). Token groups: pass ``group_size``; channel groups: ``block``."""
-    q = unpack_ref(codes, bits).float()[:, :d]
-    if block is not None:
-        n = q.shape[0]
-        return (q.view(n // block, block, d) * scale[:, None] + zero[:, None]).view(n, d)
-    exp = lambda t: t.repeat_interleave(group_size, dim=1)[:, :d]  # noqa: E731
-    return q * exp(scale) + exp(zero)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pllava_fast.ops import ACTIVATIONS, apply_activation
+from .adaptive import ACTIVATIONS, apply_activation, max_window
 
 # constexpr codes of the activations, in ACTIVATIONS order
 ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -136,12 +136,6 @@ _MIN_BLOCK_C = min(cfg.kwargs["BLOCK_C"] for cfg in _cuda_configs())
 _pool_visual_tokens_kernel_tuned = triton.autotune(
     configs=_cuda_configs(), key=["M", "C", "KT", "KH", "KW", "ACT", "NORMS"],
 )(_pool_visual_tokens_kernel)
-
-
-def max_window(size_in: int, size_out: int) -> int:
-    """Largest AdaptiveAvgPool window along one axis of length size_in pooled to size_out."""
-    return max(
-        -(-((i + 1) * size_in) // size_out) - (i * size_in) // size_out for i in range(size_out))
 
 
 def _pool_visual_tokens(

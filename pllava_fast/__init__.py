@@ -11,23 +11,26 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "PllavaConfig": "config",
     "PllavaForConditionalGeneration": "model",
-    "QuantizedKVCache": "kv_cache",
+    "KVCacheSpec": "kv_spec",
+    "QuantizedKVCache": "quantized_cache",
+    "make_cache": "kv_cache",
     "patch": "patching",
     "unpatch": "patching",
     "profile_video": "profile",
+    "profile_videos": "profile",
     "frames_to_pixel_values": "preprocess",
     "sample_indices": "video",
     "read_video": "video",
     "read_videos": "video",
     "DecodedVideo": "video",
     "VideoDecodeError": "video",
-    "profile_videos": "profile",
     "VideoPipeline": "pipeline",
 }
 _SUBMODULES = {
-    "ops", "config", "model", "reference", "projector", "video", "preprocess", "conversation",
-    "kv_cache", "attention", "patching", "profile", "plots", "testing", "cli", "demo", "caption",
-    "pipeline", "chat", "bench", "loading",
+    "attention", "chat", "checks", "cli", "compat", "comparison", "config", "config_json",
+    "conversation", "dataset", "devices", "inputs", "kernels", "kv_cache", "kv_spec", "loading",
+    "model", "ops", "original", "patching", "pipeline", "preflight", "preprocess", "profile",
+    "projector", "quantized_cache", "shapes", "testing", "timing", "video",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -26,11 +26,16 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import ops
-from .kv_cache import QuantizedKV
+from .quantized_cache import QuantizedKV
 
 BACKENDS = ("auto", "flash", "sdpa")
 # no "flash" in the names: transformers gives any such name its own flash-attn loading path
 ATTENTION_NAMES = {"auto": "pllava_fast", "flash": "pllava_fast_fa", "sdpa": "pllava_fast_sdpa"}
+# what users call the attention: transformers' names -> our backends ("eager" stays transformers')
+ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", None)
+_BACKEND_OF = {"auto": "auto", "sdpa": "sdpa", "flash_attention_2": "flash"}
+# the attn_implementation values of from_pretrained that run pllava-fast attention
+PLLAVA_ATTENTION = ("sdpa", "flash_attention_2")
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,12 +145,29 @@ def register() -> None:
         AttentionMaskInterface.register(name, sdpa_mask)
 
 
+def resolve_attention(attention: str | None) -> str | None:
+    """The attention implementation name to install in a language model.
+
+    "auto" / "sdpa" / "flash_attention_2" -> pllava-fast's registered attention (per call: flash-attn
+    when usable on CUDA, else torch SDPA; "sdpa" / "flash_attention_2" force one), which also reads
+    quantized KV caches; "eager" -> transformers' eager attention; None -> leave it.
+    """
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
+    if attention in (None, "eager"):
+        return attention
+    register()
+    return ATTENTION_NAMES[_BACKEND_OF[attention]]
+
+
 def install_attention(model, backend: str = "auto"):
     """Make ``model``'s language model use pllava-fast attention; returns the model.
 
     ``model`` is a PLLaVA model (its ``language_model`` is used) or a transformers causal LM.
-    ``backend``: "auto" (per call: flash-attn when usable, else SDPA), "flash" or "sdpa".
+    ``backend``: "auto" (per call: flash-attn when usable, else SDPA), "flash" or "sdpa" (also
+    as transformers calls them: "flash_attention_2" is "flash").
     """
+    backend = _BACKEND_OF.get(backend, backend)
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
     register()

@@ -7,11 +7,13 @@ LlavaConfig, which reads the same file and ignores the pooling fields).
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
+
+from .checks import int_tuple, positive_int
+from .config_json import read_config_json
 
 # clip-vit-large-patch14-336, the tower of every released PLLaVA
 _DEFAULT_VISION = dict(
@@ -83,9 +85,10 @@ class PllavaConfig(PretrainedConfig):
         self.vision_feature_layer = vision_feature_layer
         self.vocab_size = int(vocab_size if vocab_size is not None else self.text_config.vocab_size)
         self.pooling_method = pooling_method
-        self.pooling_shape = [int(v) for v in pooling_shape]
-        self.frame_shape = [int(v) for v in frame_shape]
-        self.num_frames = int(num_frames)
+        # checked, not truncated: (2.5, 2, 2) or (True, 2, 2) must not become (2, 2, 2) / (1, 2, 2)
+        self.pooling_shape = list(int_tuple("pooling_shape", pooling_shape, 3))
+        self.frame_shape = list(int_tuple("frame_shape", frame_shape, 2))
+        self.num_frames = positive_int("num_frames", num_frames)
         self.use_pooling = bool(use_pooling)
         if pad_token_id is None:
             pad_token_id = getattr(self.text_config, "pad_token_id", None)
@@ -96,12 +99,9 @@ class PllavaConfig(PretrainedConfig):
 
     def validate_pllava(self) -> None:
         """Raise ValueError on fields PLLaVA cannot run with."""
-        if len(self.pooling_shape) != 3 or any(v <= 0 for v in self.pooling_shape):
-            raise ValueError(f"pooling_shape must be 3 positive ints, got {self.pooling_shape}")
-        if len(self.frame_shape) != 2 or any(v <= 0 for v in self.frame_shape):
-            raise ValueError(f"frame_shape must be 2 positive ints, got {self.frame_shape}")
-        if self.num_frames <= 0:
-            raise ValueError(f"num_frames must be positive, got {self.num_frames}")
+        int_tuple("pooling_shape", self.pooling_shape, 3)
+        int_tuple("frame_shape", self.frame_shape, 2)
+        positive_int("num_frames", self.num_frames)
         if self.pooling_method != "avg":
             raise ValueError(f"pooling_method {self.pooling_method!r} is not supported (only 'avg')")
         grid = self.vision_config.image_size // self.vision_config.patch_size
@@ -129,8 +129,7 @@ class PllavaConfig(PretrainedConfig):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
             raise FileNotFoundError(f"no config.json in {path!r}")
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_config_json(file)
         if data.get("model_type", "llava") not in ("llava", "pllava"):
             raise ValueError(
                 f"{file}: model_type {data.get('model_type')!r} is not a PLLaVA (llava) checkpoint")
@@ -138,7 +137,10 @@ class PllavaConfig(PretrainedConfig):
         if "image_token_id" in data:  # transformers' LlavaConfig alias
             data.setdefault("image_token_index", data.pop("image_token_id"))
         data.update(overrides)
-        return cls(**data)
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{file}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()

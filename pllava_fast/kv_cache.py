@@ -1,340 +1,26 @@
-"""Quantized KV cache: int8 / int4 codes with per-group scales and a full-precision recent window.
-
-Per layer and per (sequence, KV head), the cache holds
-
-* a quantized part, oldest tokens first: codes (B, Hkv, Tq, D or D/2) uint8 plus float32 scale and
-  zero per token group of ``group_size`` channels (values, and keys by default), or per channel
-  over blocks of ``block`` tokens for keys with ``key_quant="channel"`` (KIVI);
-* a window (B, Hkv, W, D) of the most recent tokens in the model dtype. Once it holds
-  ``window + block`` tokens, the oldest multiple of ``block`` tokens are quantized, so the newest
-  ``window`` tokens always stay exact.
-
-``bits=16`` runs the same code path with the "quantized" part stored unquantized (exactness tests).
-Prefill attention sees the full-precision K/V; later calls hand the attention function a
-``QuantizedKV`` handle instead of tensors, read by ``pllava_fast.ops.decode_attention`` (installed
-with ``pllava_fast.attention.install_attention``). Usage::
-
-    cache = make_cache("int4", model.config, window=128, group_size=128)
-    model.generate(..., past_key_values=cache)
-"""
+"""Fresh KV caches from a ``kv_spec.KVCacheSpec``, and teacher-forced logits to compare them."""
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache
 
-from . import ops
-
-CACHE_KINDS = ("bf16", "fp", "int8", "int4")
-KEY_QUANT = ("token", "channel")
-
-
-class _Buffer:
-    """A tensor growing along dim 2 with doubling capacity (amortised O(1) appends)."""
-
-    def __init__(self):
-        self.data: Tensor | None = None
-        self.length = 0
-
-    def view(self) -> Tensor:
-        return self.data[:, :, : self.length]
-
-    def append(self, x: Tensor) -> None:
-        n = x.shape[2]
-        if self.data is None:
-            self.data = torch.empty((*x.shape[:2], max(n, 16), *x.shape[3:]), dtype=x.dtype, device=x.device)
-        elif self.length + n > self.data.shape[2]:
-            cap = max(self.length + n, 2 * self.data.shape[2])
-            grown = self.data.new_empty((*self.data.shape[:2], cap, *self.data.shape[3:]))
-            grown[:, :, : self.length] = self.view()
-            self.data = grown
-        self.data[:, :, self.length: self.length + n] = x
-        self.length += n
-
-    def truncate(self, length: int) -> None:
-        self.length = min(self.length, length)
-
-    def apply(self, fn) -> None:
-        """Replace the storage by ``fn(valid part)`` (batch reorder / select / repeat)."""
-        if self.data is not None:
-            self.data = fn(self.view()).contiguous()
-            self.length = self.data.shape[2]
+from .compat import cache_kwarg_name
+from .kv_spec import DEFAULT_KIND, KVCacheSpec
+from .quantized_cache import QuantizedKVCache
 
 
-class QuantizedKV:
-    """What a quantized layer's ``update`` returns in place of K and V: a handle on the layer.
-
-    Read by ``pllava_fast.attention``; any other attention implementation fails with a clear error.
-    """
-
-    def __init__(self, layer: "QuantizedKVLayer"):
-        self.layer = layer
-
-    def __getattr__(self, name):
-        raise AttributeError(
-            f"QuantizedKV has no attribute {name!r}: a QuantizedKVCache needs the pllava_fast attention "
-            "(call pllava_fast.attention.install_attention(model) before generate)")
-
-    def decode_inputs(self) -> dict:
-        return self.layer.decode_inputs()
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-        return self.layer.dequantize(dtype)
-
-
-class QuantizedKVLayer(CacheLayerMixin):
-    """One layer of a ``QuantizedKVCache`` (see the module docstring for the format)."""
-
-    is_compileable = False
-    is_sliding = False
-    # crop is supported, but dropping into the quantized part is not a lossless rollback
-    is_croppable = False
-
-    def __init__(self, bits: int = 4, group_size: int = 64, window: int = 128, block: int = 32,
-                 key_quant: str = "token"):
-        super().__init__()
-        self.bits, self.group_size, self.window, self.block = bits, group_size, window, block
-        self.key_block = block if key_quant == "channel" else 0
-        self._reset_storage()
-
-    def _reset_storage(self):
-        self.k_codes, self.k_scale, self.k_zero = _Buffer(), _Buffer(), _Buffer()
-        self.v_codes, self.v_scale, self.v_zero = _Buffer(), _Buffer(), _Buffer()
-        self.n_quant = 0
-
-    def __repr__(self):
-        return (f"QuantizedKVLayer(bits={self.bits}, group_size={self.group_size}, window={self.window}, "
-                f"block={self.block}, key_block={self.key_block}, tokens={self.get_seq_length()})")
-
-    def _buffers(self):
-        return (self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero)
-
-    # -- transformers CacheLayerMixin ---------------------------------------------------------
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        if key_states.shape[-1] % 2:
-            raise ValueError(f"the quantized KV cache needs an even head dim, got {key_states.shape[-1]}")
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.batch_size = key_states.shape[0]
-        self.keys = key_states[:, :, :0]
-        self.values = value_states[:, :, :0]
-        self.is_initialized = True
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
-        """Append (B, Hkv, q, D) K/V. Returns them as given for the first (prefill) call, the
-        window tensors while nothing is quantized yet, else a ``QuantizedKV`` handle (twice)."""
-        first = not self.is_initialized or self.get_seq_length() == 0
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self._flush()
-        if first:
-            return key_states, value_states
-        if self.n_quant == 0:
-            return self.keys, self.values
-        handle = QuantizedKV(self)
-        return handle, handle
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_seq_length(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return self.n_quant + self.keys.shape[-2]
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.keys = self.values = None
-        self.is_initialized = False
-        self._reset_storage()
-
-    def offload(self):
-        raise NotImplementedError("QuantizedKVLayer does not support offloading")
-
-    def prefetch(self):
-        raise NotImplementedError("QuantizedKVLayer does not support offloading")
-
-    def _batch_apply(self, fn) -> None:
-        if not self.is_initialized:
-            return
-        for buf in self._buffers():
-            buf.apply(fn)
-        self.keys, self.values = fn(self.keys), fn(self.values)
-        self.batch_size = self.keys.shape[0]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._batch_apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._batch_apply(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self._batch_apply(lambda t: t[indices])
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last ``-tokens_to_remove`` tokens (negative, as transformers' layers), or keep
-        the first ``tokens_to_remove`` tokens (non-negative, legacy)."""
-        if not self.is_initialized:
-            return
-        total = self.get_seq_length()
-        keep = total + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, total)
-        keep = max(keep, 0)
-        if keep >= self.n_quant:
-            self.keys = self.keys[:, :, : keep - self.n_quant]
-            self.values = self.values[:, :, : keep - self.n_quant]
-            return
-        # per-channel key scales cover whole blocks: requantizing a partial block would change
-        # the tokens kept, so they go back to the window dequantized
-        base = keep // self.key_block * self.key_block if self.key_block else keep
-        k, v = self.dequantize(self.dtype, quantized_only=True)
-        self.keys, self.values = k[:, :, base:keep], v[:, :, base:keep]
-        self.n_quant = base
-        rows = base // self.key_block if self.key_block else base
-        self.k_codes.truncate(base), self.v_codes.truncate(base)
-        self.v_scale.truncate(base), self.v_zero.truncate(base)
-        self.k_scale.truncate(rows), self.k_zero.truncate(rows)
-
-    # -- quantized storage --------------------------------------------------------------------
-    def _flush(self) -> None:
-        w = self.keys.shape[2]
-        if w < self.window + self.block:
-            return
-        n = (w - self.window) // self.block * self.block
-        k_old, v_old = self.keys[:, :, :n], self.values[:, :, :n]
-        self.keys, self.values = self.keys[:, :, n:].contiguous(), self.values[:, :, n:].contiguous()
-        self._append_quantized(k_old, v_old)
-
-    def _append_quantized(self, k: Tensor, v: Tensor) -> None:
-        b, h, n, d = k.shape
-        if self.bits == 16:
-            self.k_codes.append(k)
-            self.v_codes.append(v)
-        else:
-            kq = ops.quantize_kv(k.reshape(-1, d), self.bits, self.group_size, self.key_block)
-            vq = ops.quantize_kv(v.reshape(-1, d), self.bits, self.group_size, 0)
-            for buf, t in zip(self._buffers(), (*kq, *vq)):
-                buf.append(t.view(b, h, -1, t.shape[-1]))
-        self.n_quant += n
-
-    def decode_inputs(self) -> dict:
-        """Keyword arguments of ``pllava_fast.ops.decode_attention`` for this layer's state."""
-        empty = self.keys.new_empty(0, dtype=torch.float32)
-        scales = ((self.k_scale.view(), self.k_zero.view(), self.v_scale.view(), self.v_zero.view())
-                  if self.bits != 16 else (empty,) * 4)
-        return dict(k_codes=self.k_codes.view(), k_scale=scales[0], k_zero=scales[1],
-                    v_codes=self.v_codes.view(), v_scale=scales[2], v_zero=scales[3],
-                    k_win=self.keys, v_win=self.values, bits=self.bits,
-                    group_size=self.group_size, key_block=self.key_block)
-
-    def dequantize(self, dtype: torch.dtype | None = None, quantized_only: bool = False):
-        """Full (B, Hkv, T, D) K and V (quantized part dequantized, then the window); for the
-        rare multi-token step over a quantized cache, never for single-token decode."""
-        from .kernels.decode_attention import dequantize_kv_ref
-
-        dtype = dtype or self.dtype
-        d = self.keys.shape[-1]
-        if self.n_quant:
-            if self.bits == 16:
-                kq, vq = self.k_codes.view(), self.v_codes.view()
-            else:
-                kq = dequantize_kv_ref(self.k_codes.view(), self.k_scale.view(), self.k_zero.view(),
-                                       self.bits, d, self.group_size, self.key_block)
-                vq = dequantize_kv_ref(self.v_codes.view(), self.v_scale.view(), self.v_zero.view(),
-                                       self.bits, d, self.group_size)
-        else:
-            kq, vq = self.keys[:, :, :0], self.values[:, :, :0]
-        if quantized_only:
-            return kq.to(dtype), vq.to(dtype)
-        return (torch.cat([kq.to(dtype), self.keys.to(dtype)], dim=2),
-                torch.cat([vq.to(dtype), self.values.to(dtype)], dim=2))
-
-    def nbytes(self) -> int:
-        """Bytes held for the valid tokens (codes, scales, window), excluding spare capacity."""
-        if not self.is_initialized:
-            return 0
-        total = self.keys.nbytes + self.values.nbytes
-        for buf in self._buffers():
-            if buf.data is not None:
-                total += buf.view().nbytes
-        return total
-
-
-class QuantizedKVCache(Cache):
-    """A transformers ``Cache`` of ``QuantizedKVLayer``; pass as ``generate(past_key_values=...)``.
-
-    Args:
-        config: the (text) model config, to create one layer per decoder layer up front; without
-            it layers are created as ``update`` first reaches them.
-        bits: 4, 8, or 16 (no quantization, same code path).
-        group_size: channels per scale group, a power of two (32 / 64 / 128).
-        window: most recent tokens kept in full precision (default 128).
-        block: tokens quantized at a time once the window overflows (and, for per-channel keys,
-            the token group of a key scale); a power of two.
-        key_quant: "token" (per-token groups, like values) or "channel" (KIVI keys).
-    """
-
-    def __init__(self, config=None, *, bits: int = 4, group_size: int = 64, window: int = 128,
-                 block: int = 32, key_quant: str = "token", num_layers: int | None = None):
-        if bits not in ops.KV_BITS:
-            raise ValueError(f"bits must be one of {ops.KV_BITS}, got {bits}")
-        if group_size < 2 or group_size & (group_size - 1):
-            raise ValueError(f"group_size must be a power of two >= 2, got {group_size}")
-        if block < 1 or block & (block - 1):
-            raise ValueError(f"block must be a power of two, got {block}")
-        if window < 0:
-            raise ValueError(f"window must be >= 0, got {window}")
-        if key_quant not in KEY_QUANT:
-            raise ValueError(f"key_quant must be one of {KEY_QUANT}, got {key_quant!r}")
-        self.bits, self.group_size, self.window, self.block, self.key_quant = (
-            bits, group_size, window, block, key_quant)
-        factory = functools.partial(QuantizedKVLayer, bits=bits, group_size=group_size,
-                                    window=window, block=block, key_quant=key_quant)
-        if config is not None and num_layers is None:
-            num_layers = config.get_text_config(decoder=True).num_hidden_layers
-        if num_layers is not None:
-            super().__init__(layers=[factory() for _ in range(num_layers)])
-        else:
-            super().__init__(layer_class_to_replicate=factory)
-
-    def nbytes(self) -> int:
-        """Bytes held by all layers for the valid tokens."""
-        return sum(layer.nbytes() for layer in self.layers)
-
-
-def bytes_per_token(kind: str, num_layers: int, num_kv_heads: int, head_dim: int, *,
-                    group_size: int = 64, block: int = 32, key_quant: str = "token",
-                    dtype_bytes: int = 2) -> float:
-    """Bytes one token occupies across all layers (K and V) at steady state, excluding the window."""
-    if kind in ("bf16", "fp"):
-        per_head = 2 * head_dim * dtype_bytes
-    elif kind in ("int8", "int4"):
-        bits = 8 if kind == "int8" else 4
-        codes = head_dim * bits // 8
-        groups = -(-head_dim // group_size)
-        v_scales = 2 * 4 * groups
-        k_scales = 2 * 4 * head_dim / block if key_quant == "channel" else v_scales
-        per_head = 2 * codes + v_scales + k_scales
-    else:
-        raise ValueError(f"unknown cache kind {kind!r}; expected one of {CACHE_KINDS}")
-    return float(per_head * num_kv_heads * num_layers)
-
-
-def make_cache(kind: str, config=None, **opts) -> Cache:
-    """A fresh cache: "bf16" -> transformers' DynamicCache (the model's dtype); "fp" -> the
-    quantized layout unquantized; "int8" / "int4" -> QuantizedKVCache(bits=8 / 4, **opts)."""
-    if kind == "bf16":
-        if opts:
-            raise ValueError(f"the bf16 cache takes no options, got {sorted(opts)}")
+def make_cache(kind, config=None, **opts) -> Cache:
+    """A fresh cache for one ``generate()`` call: ``kind`` a ``KVCacheSpec`` or its kind name with
+    ``opts`` (see ``KVCacheSpec``; the model-dtype kind takes no options); ``config``: the model's
+    config (one layer per decoder layer up front)."""
+    if opts and kind == DEFAULT_KIND:
+        raise ValueError(f"the {DEFAULT_KIND} cache takes no options, got {sorted(opts)}")
+    spec = KVCacheSpec.of(kind, opts)
+    if not spec.quantized:
         return DynamicCache(config=config)
-    bits = {"fp": 16, "int8": 8, "int4": 4}.get(kind)
-    if bits is None:
-        raise ValueError(f"unknown cache kind {kind!r}; expected one of {CACHE_KINDS}")
-    return QuantizedKVCache(config, bits=bits, **opts)
+    return QuantizedKVCache(config, bits=spec.bits, group_size=spec.group_size,
+                            window=spec.window, block=spec.block, key_quant=spec.key_quant)
 
 
 @torch.no_grad()
@@ -345,10 +31,11 @@ def teacher_forced_logits(model, input_ids: Tensor, attention_mask: Tensor, prom
     Returns (B, T - prompt_len, V) next-token logits; two caches compared on the same tokens give
     the per-step argmax agreement, free of the divergence of free-running greedy decoding.
     """
+    kw = {cache_kwarg_name(model): cache}
     out = model(input_ids=input_ids[:, :prompt_len], attention_mask=attention_mask[:, :prompt_len],
-                cache=cache)
+                **kw)
     logits = [out.logits[:, -1]]
     for t in range(prompt_len, input_ids.shape[1] - 1):
-        out = model(input_ids=input_ids[:, t:t + 1], attention_mask=attention_mask[:, :t + 1], cache=cache)
+        out = model(input_ids=input_ids[:, t:t + 1], attention_mask=attention_mask[:, :t + 1], **kw)
         logits.append(out.logits[:, -1])
     return torch.stack(logits, 1)

@@ -16,6 +16,7 @@ Weights come from ``model.safetensors``, safetensors shards with or without an i
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -23,7 +24,9 @@ import re
 from typing import Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from .compat import no_init_weights
 
 # benign extras in old checkpoints: buffers the modules recompute
 _IGNORED = re.compile(r"(\.position_ids|\.rotary_emb\.inv_freq)$")
@@ -71,14 +74,18 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
     """All tensors of the checkpoint directory ``path``, on CPU, names as stored."""
     state: dict[str, Tensor] = {}
     for file in weight_files(path):
-        if file.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            part = load_file(file, device="cpu")
-        else:
-            part = torch.load(file, map_location="cpu", weights_only=True)
-            if isinstance(part, dict) and isinstance(part.get("model"), dict):
-                part = part["model"]
-        if "model" in part and isinstance(part["model"], dict):
+        try:
+            if file.endswith(".safetensors"):
+                from safetensors.torch import load_file
+                part = load_file(file, device="cpu")
+            else:
+                part = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated / corrupt files fail in many library-specific ways
+            raise CheckpointError(f"{file}: cannot read weights ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'})") from exc
+        if not isinstance(part, dict):
+            raise CheckpointError(f"{file}: expected a state dict, got {type(part).__name__}")
+        if isinstance(part.get("model"), dict):
             part = part["model"]
         state.update(part)
     return state
@@ -189,3 +196,51 @@ def load_into(model: torch.nn.Module, state: dict[str, Tensor], *, source: str =
     if problems:
         raise CheckpointError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
     model.load_state_dict(state, strict=False)
+
+
+# -- building and placing the model ---------------------------------------------------------------
+@contextlib.contextmanager
+def fast_init(dtype: torch.dtype | None):
+    """Build modules without random init (weights come from the checkpoint), in ``dtype``."""
+    previous = torch.get_default_dtype()
+    if dtype is not None and dtype.is_floating_point:
+        torch.set_default_dtype(dtype)
+    try:
+        with no_init_weights():
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map) -> None:
+    """ValueError unless ``device_map`` is None, one of ``DEVICE_MAPS`` or a dict."""
+    if device_map is not None and not (isinstance(device_map, dict) or device_map in DEVICE_MAPS):
+        raise ValueError(f"device_map must be one of {DEVICE_MAPS} or a dict, got {device_map!r}")
+
+
+def dispatch_model(model: nn.Module, device_map, max_memory=None) -> nn.Module:
+    """Place ``model``'s modules on devices with accelerate; returns the model.
+
+    ``device_map`` as in transformers: "auto" / "balanced" / "balanced_low_0" / "sequential" or an
+    explicit {module name: device} dict; ``max_memory`` ({device: "40GiB"}) bounds each device for
+    the automatic maps. Modules in ``model._no_split_modules`` (decoder and encoder layers) are
+    never split; accelerate's hooks move activations between devices, so ``generate()`` works
+    unchanged.
+    """
+    from accelerate import dispatch_model as accelerate_dispatch
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    check_device_map(device_map)
+    if isinstance(device_map, str):
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(
+                model, max_memory=max_memory, no_split_module_classes=no_split,
+                low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                           no_split_module_classes=no_split)
+    return accelerate_dispatch(model, device_map=device_map)

@@ -13,7 +13,6 @@ between steps, so left-padded batches and every decoding strategy of GenerationM
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -25,9 +24,15 @@ from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationConfig
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .attention import PLLAVA_ATTENTION, install_attention
+from .compat import cache_kwarg_name, cache_length, clip_transformer
 from .config import PllavaConfig
-from .loading import load_into, merge_lora, read_state_dict, save_checkpoint
-from .projector import PllavaProjector
+from .devices import resolve_dtype
+from .kv_cache import make_cache
+from .kv_spec import KVCacheSpec
+from .loading import (check_device_map, dispatch_model, fast_init, load_into, merge_lora,
+                      read_state_dict, save_checkpoint)
+from .projector import PllavaProjector, repeat_short_clips
 
 _VISION_ATTN = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 
@@ -37,88 +42,6 @@ class PllavaCausalLMOutput(CausalLMOutputWithPast):
     """The LM's output plus, at prefill, the attention mask of the expanded (merged) sequence."""
 
     attention_mask: Tensor | None = None
-
-
-def cache_kwarg_name(module: nn.Module) -> str:
-    """The keyword the installed transformers uses for the KV cache in ``module.forward``.
-
-    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns until 5.40);
-    5.17 only knows ``past_key_values``.
-    """
-    params = inspect.signature(module.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def cache_length(cache) -> int:
-    """Tokens already held by a transformers Cache (0 for None)."""
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    return int(cache[0][0].shape[-2])  # legacy tuple of (k, v)
-
-
-def resolve_dtype(dtype, config: PllavaConfig | None = None) -> torch.dtype | None:
-    """torch dtype from a dtype, its name, or "auto" (the checkpoint's own)."""
-    if dtype == "auto":
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).replace("torch.", "")
-    if not isinstance(getattr(torch, name, None), torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return getattr(torch, name)
-
-
-@contextlib.contextmanager
-def _fast_init(dtype: torch.dtype | None):
-    """Build modules without random init (weights come from the checkpoint), in ``dtype``."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older 5.x
-        from transformers.modeling_utils import no_init_weights
-    previous = torch.get_default_dtype()
-    if dtype is not None and dtype.is_floating_point:
-        torch.set_default_dtype(dtype)
-    try:
-        with no_init_weights():
-            yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def check_device_map(device_map) -> None:
-    """ValueError unless ``device_map`` is None, one of ``DEVICE_MAPS`` or a dict."""
-    if device_map is not None and not (isinstance(device_map, dict) or device_map in DEVICE_MAPS):
-        raise ValueError(f"device_map must be one of {DEVICE_MAPS} or a dict, got {device_map!r}")
-
-
-def dispatch_model(model: nn.Module, device_map, max_memory=None) -> nn.Module:
-    """Place ``model``'s modules on devices with accelerate; returns the model.
-
-    ``device_map`` as in transformers: "auto" / "balanced" / "balanced_low_0" / "sequential" or an
-    explicit {module name: device} dict; ``max_memory`` ({device: "40GiB"}) bounds each device for
-    the automatic maps. Modules in ``model._no_split_modules`` (decoder and encoder layers) are
-    never split; accelerate's hooks move activations between devices, so ``generate()`` works
-    unchanged.
-    """
-    from accelerate import dispatch_model as accelerate_dispatch
-    from accelerate import infer_auto_device_map
-    from accelerate.utils import get_balanced_memory
-
-    check_device_map(device_map)
-    if isinstance(device_map, str):
-        no_split = list(getattr(model, "_no_split_modules", None) or [])
-        if device_map != "sequential":
-            max_memory = get_balanced_memory(
-                model, max_memory=max_memory, no_split_module_classes=no_split,
-                low_zero=device_map == "balanced_low_0")
-        device_map = infer_auto_device_map(model, max_memory=max_memory,
-                                           no_split_module_classes=no_split)
-    return accelerate_dispatch(model, device_map=device_map)
 
 
 class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
@@ -144,8 +67,7 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         text_config._attn_implementation = attn_implementation
         self.vision_tower = CLIPVisionModel(vision_config)
         self.multi_modal_projector = PllavaProjector(
-            vision_config.hidden_size, text_config.hidden_size, config.projector_hidden_act,
-            config.frame_shape, config.pooling_shape)
+            vision_config.hidden_size, text_config.hidden_size, config.projector_hidden_act, config)
         self.language_model = AutoModelForCausalLM.from_config(text_config)
         self._cache_kw = cache_kwarg_name(self.language_model)
         self._lm_params = set(inspect.signature(self.language_model.forward).parameters)
@@ -153,58 +75,58 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self._layer_kwargs = (
             {"causal_attention_mask": None}
             if "causal_attention_mask" in inspect.signature(layers[0].forward).parameters else {})
+        # what generate() builds when it is given no cache (see KVCacheSpec)
+        self.kv_cache_spec = KVCacheSpec()
         self.post_init()
 
     @property
     def vision_model(self) -> nn.Module:
-        """The CLIP transformer (embeddings, pre_layrnorm, encoder): ``vision_tower.vision_model``
-        up to transformers 5.2x, ``vision_tower`` itself in 5.24."""
-        return getattr(self.vision_tower, "vision_model", self.vision_tower)
+        """The CLIP transformer (embeddings, pre_layrnorm, encoder)."""
+        return clip_transformer(self.vision_tower)
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path, *, torch_dtype=None, dtype=None, attn_implementation: str = "sdpa",
                         lora_alpha: float = 4.0, device=None, device_map=None, max_memory=None,
-                        kv_cache: str = "bf16", kv_cache_options: dict | None = None,
+                        kv_cache="model-dtype", kv_cache_options: dict | None = None,
                         **config_overrides):
         """Load a PLLaVA checkpoint directory (config.json + weights, see ``loading.py``).
 
         Args:
-            torch_dtype / dtype: weights dtype (a torch dtype, its name, or "auto"); default fp32.
+            torch_dtype / dtype: weights dtype: a torch dtype, its name, "auto" (default: bf16 on
+                CUDA, fp32 on CPU) or "checkpoint" (the dtype config.json records).
             attn_implementation: "sdpa" (default), "eager", "flash_attention_2", ... passed to the LM.
             lora_alpha: LoRA alpha for peft-saved checkpoints (scale = lora_alpha / r).
             device: where to put the model (not with ``device_map``).
-            device_map: place the modules with accelerate instead (see ``dispatch_model``): "auto",
-                "balanced", "balanced_low_0", "sequential" or a {module name: device} dict, e.g. to
-                split the 34B model over several GPUs.
+            device_map: place the modules with accelerate instead (see ``loading.dispatch_model``):
+                "auto", "balanced", "balanced_low_0", "sequential" or a {module name: device}
+                dict, e.g. to split the 34B model over several GPUs.
             max_memory: with ``device_map``: {device: "40GiB", ...} bounds for the automatic maps.
-            kv_cache: "bf16" (transformers' DynamicCache), "int8" or "int4": the quantized kinds
-                patch the model (``pllava_fast.patch``) so that every ``generate()`` given no cache
-                uses a ``QuantizedKVCache``; they need pllava-fast attention ("sdpa" or
+            kv_cache: a ``KVCacheSpec`` or its kind: "model-dtype" (transformers' DynamicCache),
+                "int8" or "int4": every ``generate()`` given no cache then builds a
+                ``QuantizedKVCache``; they need pllava-fast attention ("sdpa" or
                 "flash_attention_2" here).
-            kv_cache_options: QuantizedKVCache options for int8/int4: ``window``, ``group_size``,
+            kv_cache_options: QuantizedKVCache options with a kind: ``window``, ``group_size``,
                 ``block``, ``key_quant``.
             config_overrides: replace config fields (e.g. ``num_frames=4``, ``pooling_shape=...``).
         """
-        from .patching import check_kv_cache_options
-
         # every argument is checked before the weights are read: a mistake fails in a moment,
         # not after a 34B load
-        kv_cache_options = check_kv_cache_options(kv_cache, kv_cache_options)
+        spec = KVCacheSpec.of(kv_cache, kv_cache_options)
         if device is not None and device_map is not None:
             raise ValueError("pass device or device_map, not both")
         if max_memory is not None and device_map is None:
             raise ValueError("max_memory needs a device_map")
         check_device_map(device_map)
-        if kv_cache != "bf16" and attn_implementation not in ("sdpa", "flash_attention_2"):
-            raise ValueError(f"kv_cache={kv_cache!r} needs pllava-fast attention: "
-                             f"attn_implementation 'sdpa' or 'flash_attention_2', got "
+        if spec.quantized and attn_implementation not in PLLAVA_ATTENTION:
+            raise ValueError(f"kv_cache={spec.kind!r} needs pllava-fast attention: "
+                             f"attn_implementation one of {PLLAVA_ATTENTION}, got "
                              f"{attn_implementation!r}")
         path = os.fspath(path)
         config = PllavaConfig.from_pretrained(path, **config_overrides)
-        dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
+        dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, device, config)
         state = merge_lora(read_state_dict(path), lora_alpha=lora_alpha)
-        with _fast_init(dtype):
+        with fast_init(dtype):
             model = cls(config, attn_implementation=attn_implementation)
         load_into(model, state, source=f"checkpoint {path!r}", tied=model._tied_names(),
                   optional=model.unused_vision_weights())
@@ -222,12 +144,18 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
             model = dispatch_model(model, device_map, max_memory)
         elif device is not None:
             model = model.to(device)
-        if kv_cache != "bf16":
-            from .patching import patch
-
-            patch(model, kv_cache=kv_cache, kv_cache_options=kv_cache_options,
-                  attention=attn_implementation)
+        if spec.quantized:
+            install_attention(model, attn_implementation)
+        model.kv_cache_spec = spec
         return model
+
+    def generate(self, *args, **kwargs):
+        """``GenerationMixin.generate``; with a quantized ``kv_cache_spec`` and no cache given, a
+        fresh cache of that spec is passed in."""
+        if self.kv_cache_spec.quantized and kwargs.get("cache") is None \
+                and kwargs.get("past_key_values") is None:
+            kwargs[self._cache_kw] = make_cache(self.kv_cache_spec, self.config)
+        return super().generate(*args, **kwargs)
 
     def save_pretrained(self, path, **_):
         """Write config.json, model.safetensors (PLLaVA's names) and generation_config.json."""
@@ -309,34 +237,16 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def prepare_video_frames(self, features: Tensor,
                              frames_per_video: Sequence[int] | None = None) -> Tensor:
-        """PLLaVA's short-clip rule, per video: (sum frames, H*W, D) -> (B*num_frames, H*W, D).
-
-        An image (1 frame) is repeated num_frames times; with ``use_pooling`` a clip of
-        n < num_frames frames becomes ``repeat_interleave(int(num_frames / n) + 1)[:num_frames]``.
-        """
-        t = self.config.num_frames
+        """PLLaVA's short-clip rule, per video: (sum frames, H*W, D) -> (B*num_frames, H*W, D)
+        (see ``projector.repeat_short_clips``)."""
         counts = self.split_frames(features.shape[0], frames_per_video)
-        if all(n == t for n in counts):
-            return features
-        videos = []
-        for i, video in enumerate(torch.split(features, counts)):
-            n = video.shape[0]
-            if n == 1:
-                video = video.expand(t, *video.shape[1:])
-            elif n < t and self.config.use_pooling:
-                video = video.repeat_interleave(int(t / n) + 1, dim=0)[:t]
-            elif n != t:
-                raise ValueError(
-                    f"video {i} has {n} frames but the model takes num_frames={t}"
-                    + ("" if n > t else " (use_pooling=False disables the short-clip repeat)"))
-            videos.append(video)
-        return torch.cat(videos)
+        return repeat_short_clips(features, counts, self.config.num_frames, self.config.use_pooling)
 
     def get_video_features(self, pixel_values: Tensor,
                            frames_per_video: Sequence[int] | None = None) -> Tensor:
         """(sum frames, 3, S, S) -> (B, t*h*w, D_llm) pooled visual tokens, one row per video."""
         features = self.prepare_video_frames(self.vision_features(pixel_values), frames_per_video)
-        return self.multi_modal_projector(features, self.config.num_frames)
+        return self.multi_modal_projector(features)
 
     # ------------------------------------------------------------------ merge
     def embed_text(self, input_ids: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""A tiny random PLLaVA in the real checkpoint layout, for tests, the demo and benchmarks.
+"""A tiny random PLLaVA in the real checkpoint layout, and generated clips, for tests, the demo
+and benchmarks.
 
 Real architecture (CLIP vision tower, 2-layer projector, Llama/Mistral LM), small widths, random
 weights scaled so that next-token logits are well separated (greedy decoding is then stable under
@@ -12,8 +13,15 @@ import os
 import tempfile
 from typing import Any
 
+import av
+import numpy as np
 import torch
 from torch import nn
+
+from .config import PllavaConfig
+from .conversation import load_tokenizer
+from .loading import checkpoint_names
+from .model import PllavaForConditionalGeneration
 
 # words the tokenizer learns merges from; anything else still encodes (character fallback)
 _CORPUS = [
@@ -61,8 +69,6 @@ def build_tokenizer():
 
 def tiny_config(tokenizer=None, **overrides):
     """PllavaConfig of the tiny model; ``overrides`` as in TINY_DEFAULTS or any PllavaConfig field."""
-    from .config import PllavaConfig
-
     opts = dict(TINY_DEFAULTS)
     unknown_cfg = {k: overrides.pop(k) for k in list(overrides) if k not in opts}
     opts.update(overrides)
@@ -154,9 +160,6 @@ def save_tiny_pllava(path=None, *, lora_rank: int | None = None, shards: int = 1
         overrides: TINY_DEFAULTS keys (image_size, num_frames, pooling_shape, text_model_type,
             tie_word_embeddings, image_token_outside_vocab, seed, ...) or PllavaConfig fields.
     """
-    from .loading import checkpoint_names
-    from .model import PllavaForConditionalGeneration
-
     path = os.fspath(path) if path is not None else tempfile.mkdtemp(prefix="tiny-pllava-")
     os.makedirs(path, exist_ok=True)
     tokenizer = build_tokenizer()
@@ -198,9 +201,6 @@ def _write_weights(path: str, state: dict, shards: int, weights_format: str) -> 
 
 def tiny_pllava(path=None, *, dtype=None, attn_implementation: str = "sdpa", **overrides):
     """Save a tiny PLLaVA (see ``save_tiny_pllava``) and load it: returns (model, tokenizer)."""
-    from .conversation import load_tokenizer
-    from .model import PllavaForConditionalGeneration
-
     lora_alpha = overrides.pop("lora_alpha", 4.0)
     path = save_tiny_pllava(path, **overrides)
     model = PllavaForConditionalGeneration.from_pretrained(
@@ -213,3 +213,41 @@ def random_pixel_values(frames: int, config, *, seed: int = 0, dtype=torch.float
     gen = torch.Generator().manual_seed(seed)
     size = config.vision_config.image_size
     return torch.randn(frames, 3, size, size, generator=gen).to(dtype)
+
+
+def make_clip(path, *, num_frames: int = 24, height: int = 96, width: int = 128, fps: int = 8,
+              codec: str = "libx264", seed: int = 0, keyframe_interval: int | None = None) -> str:
+    """Write a clip of moving coloured shapes (a square and a disc on a gradient) to ``path``.
+
+    H.264 in MP4 by default (yuv420p, so height and width must be even); ``keyframe_interval``
+    sets the GOP length in frames (default: the encoder's). Returns ``path``.
+    """
+    if height % 2 or width % 2:
+        raise ValueError(f"yuv420p needs an even frame size, got {height}x{width}")
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    background = np.stack([xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1),
+                           np.full_like(xx, 96)], axis=-1).astype(np.uint8)
+    colour_a, colour_b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    side, radius = max(height // 5, 2), max(height // 8, 2)
+    path = os.fspath(path)
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if keyframe_interval:
+            stream.codec_context.gop_size = int(keyframe_interval)
+            stream.options = {"x264-params": f"keyint={int(keyframe_interval)}:scenecut=0"}
+        for t in range(num_frames):
+            img = background.copy()
+            x0 = int((width - side) * t / max(num_frames - 1, 1))
+            y0 = (height - side) // 3
+            img[y0:y0 + side, x0:x0 + side] = colour_a
+            cx = width - 1 - int((width - 1) * t / max(num_frames - 1, 1))
+            cy = 2 * height // 3
+            img[(xx - cx) ** 2 + (yy - cy) ** 2 <= radius ** 2] = colour_b
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

@@ -53,7 +53,7 @@ def test_chunked_prefill_over_quantized_cache():
     model = attention.install_attention(tiny_llama())
     ids, mask = padded_batch()
     outs = []
-    for cache in (DynamicCache(), make_cache("fp", model.config, window=2, block=4)):
+    for cache in (DynamicCache(), make_cache("unquantized", model.config, window=2, block=4)):
         with torch.no_grad():
             model(input_ids=ids[:, :16], attention_mask=mask[:, :16], cache=cache)
             outs.append(model(input_ids=ids[:, 16:], attention_mask=mask, cache=cache).logits)

@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-from pllava_fast import caption, cli
+from pllava_fast import cli, dataset, inputs
+from pllava_fast.cli import common
+from pllava_fast.cli.common import parse_pooling
 
 # -- pure parts -----------------------------------------------------------------------------------
 
@@ -18,74 +20,74 @@ def test_list_inputs_folder_and_list_file(tmp_path):
     (tmp_path / "sub").mkdir()
     for name in ("b.mp4", "a.MOV", "sub/c.png", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
-    found = [item["video"] for item in caption.list_inputs(str(tmp_path))]
+    found = [item["video"] for item in inputs.list_inputs(str(tmp_path))]
     assert found == sorted(str(tmp_path / n) for n in ("a.MOV", "b.mp4", "sub/c.png"))
 
     listing = tmp_path / "list.txt"
     listing.write_text("# comment\n\nb.mp4\n/abs/x.mp4\n"
                        '{"video": "a.MOV", "start": 1.5, "end": 3}\n')
-    items = caption.list_inputs(str(listing))
+    items = inputs.list_inputs(str(listing))
     assert items == [{"video": str(tmp_path / "b.mp4")}, {"video": "/abs/x.mp4"},
                      {"video": str(tmp_path / "a.MOV"), "start": 1.5, "end": 3}]
 
 
 def test_list_inputs_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="--input not found"):
-        caption.list_inputs(str(tmp_path / "missing.txt"))
+        inputs.list_inputs(str(tmp_path / "missing.txt"))
     bad = tmp_path / "bad.txt"
     bad.write_text('{"path": "x.mp4"}\n')
     with pytest.raises(ValueError, match="bad.txt:1: JSON line has no 'video'"):
-        caption.list_inputs(str(bad))
+        inputs.list_inputs(str(bad))
 
 
 @pytest.mark.parametrize("n,world", [(0, 1), (7, 1), (7, 2), (10, 3), (2, 4)])
 def test_shard_is_a_disjoint_cover(n, world):
     items = [{"video": f"v{i}"} for i in range(n)]
-    shards = [caption.shard(items, r, world) for r in range(world)]
+    shards = [inputs.shard(items, r, world) for r in range(world)]
     flat = [it["video"] for s in shards for it in s]
     assert sorted(flat) == sorted(it["video"] for it in items)
     assert len(flat) == len(set(flat))
     with pytest.raises(ValueError, match="RANK=2 is outside WORLD_SIZE=2"):
-        caption.shard(items, 2, 2)
+        inputs.shard(items, 2, 2)
 
 
 def test_rows_survive_a_torn_line_and_restart(tmp_path):
     out = str(tmp_path / "captions.jsonl")
-    part = caption.part_path(out, 0)
-    w = caption.RowWriter(part)
+    part = dataset.part_path(out, 0)
+    w = dataset.RowWriter(part)
     w.write({"video": "a", "ok": True, "caption": "x"})
     w.write({"video": "b", "ok": False, "error": "bad"})
     w.close()
     with open(part, "a") as f:
         f.write('{"video": "c", "ok": tr')  # a killed writer
-    assert [r["video"] for r in caption.read_rows(part)] == ["a", "b"]
-    w = caption.RowWriter(part)  # restart: the torn tail goes, new rows start on their own line
+    assert [r["video"] for r in dataset.read_rows(part)] == ["a", "b"]
+    w = dataset.RowWriter(part)  # restart: the torn tail goes, new rows start on their own line
     w.write({"video": "c", "ok": True, "caption": "z"})
     w.close()
-    assert [r["video"] for r in caption.read_rows(part)] == ["a", "b", "c"]
+    assert [r["video"] for r in dataset.read_rows(part)] == ["a", "b", "c"]
     # a later successful row wins over an earlier error row of the same video
-    w = caption.RowWriter(caption.part_path(out, 1))
+    w = dataset.RowWriter(dataset.part_path(out, 1))
     w.write({"video": "b", "ok": True, "caption": "y"})
     w.close()
-    done = caption.done_rows(out)
+    done = dataset.done_rows(out)
     assert done["b"]["ok"] and set(done) == {"a", "b", "c"}
-    rows, missing = caption.merge(out, [{"video": v} for v in ("c", "b", "a", "d")])
+    rows, missing = dataset.merge(out, [{"video": v} for v in ("c", "b", "a", "d")])
     assert (rows, missing) == (3, 1)
     assert [json.loads(line)["video"] for line in open(out)] == ["c", "b", "a"]
 
 
 def test_parse_pooling():
-    assert caption.parse_pooling("16,12,12") == (16, 12, 12)
-    assert caption.parse_pooling(None) is None
+    assert parse_pooling("16,12,12") == (16, 12, 12)
+    assert parse_pooling(None) is None
     for bad in ("16,12", "a,b,c", "0,1,1"):
         with pytest.raises(ValueError, match="--pooling"):
-            caption.parse_pooling(bad)
+            parse_pooling(bad)
 
 
 # -- runs on the tiny model -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
-    from pllava_fast.demo import make_clip
+    from pllava_fast.testing import make_clip
 
     root = tmp_path_factory.mktemp("clips")
     paths = [make_clip(root / f"clip{i}.mp4", num_frames=6 + i, height=64, width=80, seed=i)
@@ -118,7 +120,7 @@ def test_direct_mode_with_corrupt_video(clips, tiny_dir, capsys):
     paths, corrupt = clips
     rc = cli.main(["caption", paths[0], corrupt, paths[1], "--model", tiny_dir, "--json",
                        "--batch-size", "2", "--max-new-tokens", "4"])
-    assert rc == caption.EXIT_SOME_FAILED
+    assert rc == common.EXIT_SOME_FAILED
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     by_video = {r["video"]: r for r in rows}
     assert len(rows) == 3 and set(by_video) == {paths[0], corrupt, paths[1]}
@@ -127,10 +129,10 @@ def test_direct_mode_with_corrupt_video(clips, tiny_dir, capsys):
 
 
 def test_usage_errors_have_exit_code_2(tmp_path, tiny_dir, capsys):
-    assert cli.main(["caption", "x.mp4", "--model", str(tmp_path / "nope")]) == caption.EXIT_USAGE
-    assert cli.main(["caption", "--model", tiny_dir]) == caption.EXIT_USAGE
-    assert cli.main(["caption", "--input", str(tmp_path), "--model", tiny_dir]) == caption.EXIT_USAGE
-    assert cli.main(["caption", "x.mp4", "--model", tiny_dir, "--pooling", "1,2"]) == caption.EXIT_USAGE
+    assert cli.main(["caption", "x.mp4", "--model", str(tmp_path / "nope")]) == common.EXIT_USAGE
+    assert cli.main(["caption", "--model", tiny_dir]) == common.EXIT_USAGE
+    assert cli.main(["caption", "--input", str(tmp_path), "--model", tiny_dir]) == common.EXIT_USAGE
+    assert cli.main(["caption", "x.mp4", "--model", tiny_dir, "--pooling", "1,2"]) == common.EXIT_USAGE
     err = capsys.readouterr().err
     assert "model directory not found" in err and "nothing to caption" in err
     assert "--input needs --output" in err and "--pooling" in err
@@ -145,10 +147,10 @@ def test_sigkill_midway_then_restart_gives_every_input_once(clips, tiny_dir, tmp
             "--max-new-tokens", "16", "--workers", "1"]
     proc = subprocess.Popen([sys.executable, "-m", "pllava_fast", "caption", *args], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    part = caption.part_path(str(out), 0)
+    part = dataset.part_path(str(out), 0)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
-        if os.path.exists(part) and len(caption.read_rows(part)) >= 2:
+        if os.path.exists(part) and len(dataset.read_rows(part)) >= 2:
             break
         time.sleep(0.02)
     killed = proc.poll() is None
@@ -160,17 +162,17 @@ def test_sigkill_midway_then_restart_gives_every_input_once(clips, tiny_dir, tmp
         with open(part, "a") as f:
             f.write('{"video": "' + paths[-1])
         assert not out.exists()
-    first = {r["video"] for r in caption.read_rows(part)}
+    first = {r["video"] for r in dataset.read_rows(part)}
     if killed:
         assert 2 <= len(first) < len(paths) + 1
 
     again = _cli(args)
-    assert again.returncode == caption.EXIT_SOME_FAILED, again.stderr  # the corrupt input
+    assert again.returncode == common.EXIT_SOME_FAILED, again.stderr  # the corrupt input
     assert f"{len(first)} already done" in again.stderr
     rows = _rows(out)
     assert [r["video"] for r in rows] == paths + [corrupt]  # input order, each exactly once
     assert all(r["ok"] for r in rows[:-1]) and not rows[-1]["ok"]
-    assert [r["video"] for r in caption.read_rows(part)].count(paths[0]) == 1
+    assert [r["video"] for r in dataset.read_rows(part)].count(paths[0]) == 1
 
 
 def _free_port():
@@ -194,7 +196,7 @@ def test_two_ranks_split_inputs_without_overlap(clips, tiny_dir, tmp_path):
     results = [p.communicate(timeout=240) for p in procs]
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err
-    parts = [{r["video"] for r in caption.read_rows(caption.part_path(str(out), r))}
+    parts = [{r["video"] for r in dataset.read_rows(dataset.part_path(str(out), r))}
              for r in range(2)]
     assert parts[0] and parts[1] and not parts[0] & parts[1]
     assert parts[0] | parts[1] == set(paths)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pllava_fast import cli
-from pllava_fast.demo import make_clip
+from pllava_fast.testing import make_clip
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +94,16 @@ def test_console_script_and_errors(tmp_path, clip):
 
 @pytest.mark.parametrize("sub", ["caption", "demo", "chat", "bench"])
 def test_kv_cache_flags_parse_the_same_everywhere(sub):
-    from pllava_fast.pipeline import kv_cache_options
+    from pllava_fast.cli.common import kv_cache_spec
 
     required = {"caption": ["x.mp4", "--model", "m"], "chat": ["x.mp4", "--model", "m"]}
-    parser = cli.build_parser()
+    parser = cli.build_parser(sub)
     args = parser.parse_args([sub, *required.get(sub, []), "--kv-cache", "int4", "--kv-window",
                               "8", "--kv-group-size", "32", "--kv-key-quant", "channel"])
     assert args.kv_cache == "int4"
-    assert kv_cache_options(args) == {"window": 8, "group_size": 32, "key_quant": "channel"}
+    assert kv_cache_spec(args).options() == {"window": 8, "group_size": 32, "key_quant": "channel"}
     plain = parser.parse_args([sub, *required.get(sub, [])])
-    assert plain.kv_cache == "bf16" and kv_cache_options(plain) == {}
+    assert plain.kv_cache == "model-dtype" and kv_cache_spec(plain).options() == {}
 
 
 @pytest.mark.parametrize("sub", ["caption", "demo", "chat", "bench"])
@@ -119,7 +119,7 @@ def test_bad_kv_cache_flags_exit_2(sub, flags, match, capsys, clip, tiny_dir):
 
 
 def test_kv_cache_flags_reach_the_pipeline(monkeypatch, capsys, clip, tiny_dir):
-    from pllava_fast.kv_cache import QuantizedKVCache
+    from pllava_fast.quantized_cache import QuantizedKVCache
     from pllava_fast.pipeline import VideoPipeline
 
     pipes = []
@@ -135,4 +135,5 @@ def test_kv_cache_flags_reach_the_pipeline(monkeypatch, capsys, clip, tiny_dir):
     assert (cache.bits, cache.window, cache.group_size, cache.key_quant) == (8, 8, 32, "channel")
     assert cli.main(["demo", "--video", clip, "--model", tiny_dir, "--max-new-tokens", "2",
                      "--kv-cache", "int4", "--kv-window", "16"]) == 0
-    assert (pipes[1].kv_cache, pipes[1].kv_cache_options) == ("int4", {"window": 16})
+    spec = pipes[1].kv_cache_spec
+    assert (spec.kind, spec.options()) == ("int4", {"window": 16})

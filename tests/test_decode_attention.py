@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from pllava_fast import ops
 from pllava_fast.kernels import decode_attention as da
-from pllava_fast.kernels import kv_quant as kq
+from pllava_fast.kernels import kv_format as kf
 
 
 def sqnr_db(x, y):
@@ -25,8 +25,8 @@ def make_inputs(b=1, hq=4, hkv=1, d=64, tq=64, tw=4, bits=4, group=32, key_block
     def quant(x, block):
         if bits == 16:
             return x.to(dtype), None, None
-        codes, scale, zero = (kq.quantize_channels_ref(x.reshape(-1, d), bits, block) if block else
-                              kq.quantize_groups_ref(x.reshape(-1, d), bits, group))
+        codes, scale, zero = (kf.quantize_channels_ref(x.reshape(-1, d), bits, block) if block else
+                              kf.quantize_groups_ref(x.reshape(-1, d), bits, group))
         rows, width = (tq // block, d) if block else (tq, -(-d // group))
         return (codes.view(b, hkv, tq, codes.shape[-1]), scale.view(b, hkv, rows, width),
                 zero.view(b, hkv, rows, width))
@@ -91,7 +91,7 @@ def test_cpu_op_matches_sdpa_over_dequantized(case):
     tol = dict(rtol=2e-2, atol=2e-2) if args["q"].dtype != torch.float32 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ops.decode_attention(**args).float(), ref.float(), **tol)
     # small chunks: the online softmax across chunk boundaries (and partial key blocks)
-    torch.testing.assert_close(ops._decode_attention_torch(*args.values(), chunk=48).float(),
+    torch.testing.assert_close(ops.kv_attention._decode_attention_torch(*args.values(), chunk=48).float(),
                                ref.float(), **tol)
 
 
@@ -105,7 +105,7 @@ def test_cpu_op_matches_sdpa_over_dequantized(case):
 def test_cpu_op_chunking(case, chunk):
     # the CPU path's chunk loop (full and partial chunks, one chunk, reused buffers) and layouts
     args, *_ = make_inputs(**case)
-    out = ops._decode_attention_torch(*args.values(), chunk=chunk)
+    out = ops.kv_attention._decode_attention_torch(*args.values(), chunk=chunk)
     torch.testing.assert_close(out, da.decode_attention_ref(**args), rtol=1e-4, atol=1e-5)
 
 
@@ -154,7 +154,7 @@ def test_strided_capacity_views():
 
 def test_opcheck():
     args, *_ = make_inputs(b=2, tq=32, tw=3, hq=4, hkv=2, d=16, group=16, pads=[0, 5])
-    torch.library.opcheck(ops._decode_attention_op, tuple(args.values()))
+    torch.library.opcheck(ops.kv_attention._decode_attention_op, tuple(args.values()))
 
 
 @pytest.mark.parametrize("change,match", [

@@ -3,11 +3,11 @@ import json
 
 import av
 
-from pllava_fast import cli, demo
+from pllava_fast import cli, testing
 
 
 def test_make_clip_writes_a_playable_h264_clip(tmp_path):
-    path = demo.make_clip(tmp_path / "c.mp4", num_frames=5, height=48, width=64)
+    path = testing.make_clip(tmp_path / "c.mp4", num_frames=5, height=48, width=64)
     with av.open(path) as container:
         stream = container.streams.video[0]
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
@@ -20,7 +20,8 @@ def test_demo_without_arguments_runs_end_to_end(capsys):
     assert cli.main(["demo", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "answer:" in out and "generated clip" in out
-    for stage in ("decode", "preprocess", "vision", "projector", "prefill", "TTFT"):
+    for stage in ("video_decode", "preprocess", "vision", "projector", "prefill", "llm_decode",
+                  "TTFT"):
         assert stage in out
 
 
@@ -28,7 +29,7 @@ def test_demo_with_given_video_and_model_json(capsys, tmp_path):
     from pllava_fast.testing import save_tiny_pllava
 
     model = save_tiny_pllava(tmp_path / "m", num_frames=2, pooling_shape=(2, 1, 1))
-    video = demo.make_clip(tmp_path / "v.mp4", num_frames=3, height=32, width=32)
+    video = testing.make_clip(tmp_path / "v.mp4", num_frames=3, height=32, width=32)
     rc = cli.main(["demo", "--video", video, "--model", model, "--question", "Why?",
                     "--max-new-tokens", "3", "--json", "--kv-cache", "int8"])
     assert rc == 0

@@ -6,8 +6,9 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from pllava_fast.attention import install_attention
-from pllava_fast.kv_cache import (QuantizedKV, QuantizedKVCache, QuantizedKVLayer, bytes_per_token,
-                                  make_cache, teacher_forced_logits)
+from pllava_fast.kv_cache import make_cache, teacher_forced_logits
+from pllava_fast.kv_spec import bytes_per_token
+from pllava_fast.quantized_cache import QuantizedKV, QuantizedKVCache, QuantizedKVLayer
 
 TOY_MODEL = pathlib.Path(__file__).parent / "data" / "kv_cache_toy_llama"
 
@@ -38,7 +39,7 @@ def test_fp_format_greedy_identical_to_dynamic_cache(opts):
     model = tiny_llama()
     ids, mask = left_padded(3, 37, 128, [0, 5, 11])
     ref = greedy(model, ids, mask, DynamicCache())
-    cache = make_cache("fp", model.config, **opts)
+    cache = make_cache("unquantized", model.config, **opts)
     out = greedy(model, ids, mask, cache)
     assert torch.equal(out, ref)
     layer = cache.layers[0]
@@ -51,7 +52,7 @@ def test_fp_format_beam_search_identical():
     model = tiny_llama()
     ids, mask = left_padded(2, 20, 128, [0, 3])
     ref = greedy(model, ids, mask, DynamicCache(), n=10, num_beams=3)
-    out = greedy(model, ids, mask, make_cache("fp", model.config, window=2, block=4), n=10, num_beams=3)
+    out = greedy(model, ids, mask, make_cache("unquantized", model.config, window=2, block=4), n=10, num_beams=3)
     assert torch.equal(out, ref)
 
 
@@ -64,7 +65,7 @@ def test_mistral_sliding_window_fp_identical():
     model = install_attention(MistralForCausalLM(cfg).eval())
     ids, mask = left_padded(2, 30, 128, [0, 4])
     ref = greedy(model, ids, mask, DynamicCache(config=cfg), n=12)
-    assert torch.equal(greedy(model, ids, mask, make_cache("fp", cfg, window=2, block=4), n=12), ref)
+    assert torch.equal(greedy(model, ids, mask, make_cache("unquantized", cfg, window=2, block=4), n=12), ref)
 
 
 def toy_model():
@@ -115,7 +116,7 @@ def test_teacher_forced_agreement(agreement_setup, kind, key_quant, floor, capsy
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kind,floor", [("fp", 1.0), ("int8", 0.99), ("int4", 0.95)])
+@pytest.mark.parametrize("kind,floor", [("unquantized", 1.0), ("int8", 0.99), ("int4", 0.95)])
 def test_teacher_forced_agreement_cuda_bf16(kind, floor):
     # the Triton decode kernel and quantize kernels inside generation, bf16 on the GPU
     model = toy_model().to("cuda", torch.bfloat16)
@@ -124,19 +125,19 @@ def test_teacher_forced_agreement_cuda_bf16(kind, floor):
     ref = teacher_forced_logits(model, ids, mask, 320, DynamicCache()).argmax(-1)
     cache = make_cache(kind, model.config, window=16, block=16, group_size=16)
     agree = (teacher_forced_logits(model, ids, mask, 320, cache).argmax(-1) == ref).float().mean()
-    assert agree >= floor - (0.02 if kind == "fp" else 0)  # fp: bf16 summation-order ties
+    assert agree >= floor - (0.02 if kind == "unquantized" else 0)  # fp: bf16 summation-order ties
 
 
 @pytest.mark.parametrize("kind,bits", [("int8", 8), ("int4", 4)])
 def test_bytes_per_token_match_format(kind, bits):
     model = tiny_llama(head_dim=32, num_attention_heads=4)  # 2 layers, 2 KV heads
     ids, mask = left_padded(2, 160, 128, [0, 9])
-    dyn = make_cache("bf16", model.config)
+    dyn = make_cache("model-dtype", model.config)
     quant = make_cache(kind, model.config, window=16, block=16, group_size=32)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, cache=dyn)
         model(input_ids=ids, attention_mask=mask, cache=quant)
-    bf16 = bytes_per_token("bf16", 2, 2, 32)
+    bf16 = bytes_per_token("model-dtype", 2, 2, 32)
     dyn_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in dyn.layers)
     assert dyn_bytes / (2 * 160) == 2 * bf16  # the tiny model runs in fp32
     window_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in quant.layers)
@@ -149,7 +150,7 @@ def test_bytes_per_token_match_format(kind, bits):
 
 
 def test_bytes_per_token_7b_ratios():
-    bf16 = bytes_per_token("bf16", 32, 32, 128)
+    bf16 = bytes_per_token("model-dtype", 32, 32, 128)
     assert bf16 == 2 * 128 * 2 * 32 * 32  # 512 KiB per token
     assert bytes_per_token("int8", 32, 32, 128, group_size=128) / bf16 <= 0.55
     assert bytes_per_token("int4", 32, 32, 128, group_size=128) / bf16 <= 0.30
@@ -219,8 +220,8 @@ def test_handle_needs_pllava_attention():
 
 def test_make_cache_kinds_and_errors():
     cfg = LlamaConfig(num_hidden_layers=3)
-    assert isinstance(make_cache("bf16", cfg), DynamicCache)
-    for kind, bits in (("fp", 16), ("int8", 8), ("int4", 4)):
+    assert isinstance(make_cache("model-dtype", cfg), DynamicCache)
+    for kind, bits in (("unquantized", 16), ("int8", 8), ("int4", 4)):
         cache = make_cache(kind, cfg, window=64, group_size=128)
         assert isinstance(cache, QuantizedKVCache) and cache.bits == bits and len(cache.layers) == 3
     with pytest.raises(ValueError, match="unknown cache kind"):
@@ -230,7 +231,7 @@ def test_make_cache_kinds_and_errors():
     with pytest.raises(ValueError, match="key_quant"):
         make_cache("int4", cfg, key_quant="tensor")
     with pytest.raises(ValueError, match="no options"):
-        make_cache("bf16", cfg, window=3)
+        make_cache("model-dtype", cfg, window=3)
     with pytest.raises(ValueError, match="even head dim"):
         QuantizedKVLayer(bits=4).update(torch.randn(1, 1, 4, 15), torch.randn(1, 1, 4, 15))
 
@@ -247,7 +248,7 @@ def test_tiny_pllava_video_generate():
     pv = testing.random_pixel_values(2 * cfg.num_frames, cfg)
     kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=cfg.pad_token_id)
     ref = model.generate(**enc, pixel_values=pv, cache=DynamicCache(), **kw)
-    cache = make_cache("fp", cfg, window=4, block=8)
+    cache = make_cache("unquantized", cfg, window=4, block=8)
     assert torch.equal(model.generate(**enc, pixel_values=pv, cache=cache, **kw), ref)
     assert cache.layers[0].n_quant > 0
     out = model.generate(**enc, pixel_values=pv, cache=make_cache("int8", cfg, window=4, block=8), **kw)

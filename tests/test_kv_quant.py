@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from pllava_fast import ops
+from pllava_fast.kernels import kv_format as kf
 from pllava_fast.kernels import kv_quant as kq
 
 
@@ -36,13 +37,13 @@ DATA = {"gaussian": gaussian, "heavy_tailed": heavy_tailed, "outlier_channels": 
 def test_group_kernel_matches_reference(data, bits, d, group):
     x = DATA[data](67, d)
     codes, scale, zero = kq._quantize_groups(x, bits, group)
-    r_codes, r_scale, r_zero = kq.quantize_groups_ref(x, bits, group)
+    r_codes, r_scale, r_zero = kf.quantize_groups_ref(x, bits, group)
     assert codes.shape == (67, d // 2 if bits == 4 else d) and codes.dtype == torch.uint8
     assert scale.shape == (67, -(-d // group))
     assert torch.equal(codes, r_codes)
     torch.testing.assert_close(scale, r_scale, rtol=0, atol=0)
     torch.testing.assert_close(zero, r_zero, rtol=0, atol=0)
-    y = kq.dequantize_ref(codes, scale, zero, bits, d, group_size=group)
+    y = kf.dequantize_ref(codes, scale, zero, bits, d, group_size=group)
     # every element within half a quantization step of its group
     step = scale.repeat_interleave(group, dim=1)[:, :d]
     assert ((x - y).abs() <= step / 2 + 1e-5).all()
@@ -53,7 +54,7 @@ def test_group_kernel_matches_reference(data, bits, d, group):
 def test_channel_kernel_matches_reference(data, bits):
     x = DATA[data](96, 80)
     out = kq._quantize_channels(x, bits, 32)
-    ref = kq.quantize_channels_ref(x, bits, 32)
+    ref = kf.quantize_channels_ref(x, bits, 32)
     for a, b in zip(out, ref):
         assert torch.equal(a, b)
 
@@ -73,9 +74,9 @@ def test_dequantized_sqnr(data, bits, group, floor):
     # the references (the kernels match them code for code, above)
     x = DATA[data](512, 128)
     if group == "channel":
-        y = kq.dequantize_ref(*kq.quantize_channels_ref(x, bits, 32), bits, 128, block=32)
+        y = kf.dequantize_ref(*kf.quantize_channels_ref(x, bits, 32), bits, 128, block=32)
     else:
-        y = kq.dequantize_ref(*kq.quantize_groups_ref(x, bits, group), bits, 128, group_size=group)
+        y = kf.dequantize_ref(*kf.quantize_groups_ref(x, bits, group), bits, 128, group_size=group)
     assert sqnr_db(x, y) >= floor
 
 
@@ -83,28 +84,28 @@ def test_bf16_input_and_constant_groups():
     x = torch.randn(8, 64).to(torch.bfloat16)
     x[3] = 1.5  # constant row: scale 0, exact reconstruction
     codes, scale, zero = kq._quantize_groups(x, 4, 32)
-    assert torch.equal(codes, kq.quantize_groups_ref(x, 4, 32)[0])
+    assert torch.equal(codes, kf.quantize_groups_ref(x, 4, 32)[0])
     assert (scale[3] == 0).all() and (codes[3] == 0).all()
-    y = kq.dequantize_ref(codes, scale, zero, 4, 64, group_size=32)
+    y = kf.dequantize_ref(codes, scale, zero, 4, 64, group_size=32)
     assert (y[3] == 1.5).all()
 
 
 def test_pack_unpack_roundtrip():
     q = torch.randint(0, 16, (5, 3, 32), dtype=torch.uint8)
-    packed = kq.pack_ref(q, 4)
+    packed = kf.pack_ref(q, 4)
     assert packed.shape == (5, 3, 16)
     assert torch.equal(packed[..., 0], q[..., 0] | (q[..., 1] << 4))
-    assert torch.equal(kq.unpack_ref(packed, 4), q)
+    assert torch.equal(kf.unpack_ref(packed, 4), q)
 
 
 @pytest.mark.parametrize("key_block", [0, 16])
 def test_op_cpu_matches_reference_and_opcheck(key_block):
     x = torch.randn(64, 48)
     out = ops.quantize_kv(x, bits=4, group_size=16, key_block=key_block)
-    ref = kq.quantize_channels_ref(x, 4, key_block) if key_block else kq.quantize_groups_ref(x, 4, 16)
+    ref = kf.quantize_channels_ref(x, 4, key_block) if key_block else kf.quantize_groups_ref(x, 4, 16)
     for a, b in zip(out, ref):
         assert torch.equal(a, b)
-    torch.library.opcheck(ops._quantize_kv_op, (x, 4, 16, key_block))
+    torch.library.opcheck(ops.kv_quant._quantize_kv_op, (x, 4, 16, key_block))
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -13,7 +13,7 @@ from transformers import LlavaForConditionalGeneration, TextIteratorStreamer
 
 from pllava_fast import PllavaForConditionalGeneration
 from pllava_fast.conversation import load_tokenizer
-from pllava_fast.model import cache_kwarg_name
+from pllava_fast.compat import cache_kwarg_name
 from pllava_fast.testing import random_pixel_values, save_tiny_pllava, tiny_pllava
 
 PROMPTS = ["USER:<image> What is happening in the video? ASSISTANT:",

@@ -87,9 +87,9 @@ def test_norm_stats_of_pooling_norms():
 
 def test_opcheck_norm_ops():
     for x in (torch.randn(2, 9, 33), torch.randn(2, 9, 33, dtype=torch.bfloat16)):
-        torch.library.opcheck(ops._token_norms_op, (x,))
+        torch.library.opcheck(ops.norms._token_norms_op, (x,))
     norms = torch.rand(3, 17)
-    torch.library.opcheck(ops._norm_row_stats_op, (norms, torch.full((3,), 0.5)))
+    torch.library.opcheck(ops.norms._norm_row_stats_op, (norms, torch.full((3,), 0.5)))
 
 
 def test_compile_fullgraph_token_norm_stats():
@@ -133,7 +133,7 @@ def test_cuda_norms(dtype):
 def test_cuda_registrations_on_interpreter():
     """The functions registered for CUDA, run on CPU tensors through the Triton interpreter."""
     x = torch.randn(2, 9, 33)
-    torch.testing.assert_close(ops._token_norms_cuda(x), _ref_norms(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops.norms._token_norms_cuda(x), _ref_norms(x), atol=1e-5, rtol=1e-5)
     norms, thr = torch.rand(3, 17), torch.full((3,), 0.5)
-    for got, want in zip(ops._norm_row_stats_cuda(norms, thr), norm_row_stats_ref(norms, thr)):
+    for got, want in zip(ops.norms._norm_row_stats_cuda(norms, thr), norm_row_stats_ref(norms, thr)):
         torch.testing.assert_close(got, want)

@@ -8,6 +8,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 import pllava_fast
 from pllava_fast import patching
+from pllava_fast.projector import PllavaProjector
 from pllava_fast.testing import build_tokenizer, random_pixel_values
 
 IMAGE, PATCH = 56, 14
@@ -115,7 +116,7 @@ def test_unpatch_restores_the_llava(tokenizer):
     projector = model.model.multi_modal_projector
     model.set_attn_implementation("eager")
     pllava_fast.patch(model, attention="sdpa", num_frames=2)
-    assert isinstance(model.model.multi_modal_projector, patching.VideoPoolingProjector)
+    assert isinstance(model.model.multi_modal_projector, PllavaProjector)
     assert model.model.multi_modal_projector.linear_1 is projector.linear_1  # shared weights
     assert model.config.text_config._attn_implementation == "pllava_fast_sdpa"
     assert patching.is_patched(model)
@@ -135,7 +136,7 @@ def test_patch_rejects_what_it_cannot_patch(tokenizer):
         pllava_fast.patch(torch.nn.Linear(2, 2))
     model = _tiny_llava(tokenizer)
     with pytest.raises(ValueError, match="kv_cache"):
-        pllava_fast.patch(model, kv_cache="fp8")
+        pllava_fast.patch(model, kv_cache="int2")
     with pytest.raises(ValueError, match="pooling_shape"):
         pllava_fast.patch(model, pooling_shape=(0, 2, 2))
     assert not patching.is_patched(model)
@@ -165,7 +166,7 @@ def test_pllava_patched_bf16_cache_same_tokens_and_logits(tiny):
         with torch.no_grad():
             ref_out = model(**inputs)
             ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-        pllava_fast.patch(model, kv_cache="bf16", attention="sdpa")
+        pllava_fast.patch(model, kv_cache="model-dtype", attention="sdpa")
         with torch.no_grad():
             out = model(**inputs)
             got = model.generate(**inputs, max_new_tokens=8, do_sample=False)
@@ -198,7 +199,7 @@ def test_pllava_pooling_shape_override_and_unpatch(tiny):
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_quantized_cache_is_installed_in_generate(tiny, tokenizer, kind):
-    from pllava_fast.kv_cache import QuantizedKVCache
+    from pllava_fast.quantized_cache import QuantizedKVCache
 
     model, tok = tiny
     inputs = _pllava_inputs(model, tok, videos=1)
@@ -237,25 +238,24 @@ def _greedy(model, tok, **kwargs):
 
 
 def test_from_pretrained_quantized_cache_with_options(tiny_dir, monkeypatch):
-    from pllava_fast import kv_cache
-    from pllava_fast.kv_cache import QuantizedKVCache
+    from pllava_fast import model as model_module
+    from pllava_fast.quantized_cache import QuantizedKVCache
 
     built = []
-    make_cache = kv_cache.make_cache
-    monkeypatch.setattr(kv_cache, "make_cache",
+    make_cache = model_module.make_cache
+    monkeypatch.setattr(model_module, "make_cache",
                         lambda *a, **kw: built.append((a, kw)) or make_cache(*a, **kw))
     model = pllava_fast.PllavaForConditionalGeneration.from_pretrained(
         tiny_dir, kv_cache="int8", kv_cache_options={"window": 8, "group_size": 32, "block": 8})
-    assert patching.is_patched(model)
+    assert model.kv_cache_spec.kind == "int8" and not built  # checked at load, built per call
     out = _greedy(model, pllava_fast.testing.build_tokenizer())
     assert out.sequences.shape[1] > 6
     cache = getattr(out, "cache", None) or out.past_key_values
     assert isinstance(cache, QuantizedKVCache)
     assert (cache.bits, cache.window, cache.group_size, cache.block) == (8, 8, 32, 8)
     assert cache.layers[0].n_quant > 0  # the prompt outgrew the 8-token window
-    # checked once at load time, then built by the generate() wrapper with the same options
-    assert [kw for _, kw in built][-1] == {"config": model.config, "window": 8, "group_size": 32,
-                                           "block": 8}
+    # checked once at load time, then built by generate() from the same spec
+    assert [a for a, _ in built] == [(model.kv_cache_spec, model.config)]
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -265,8 +265,9 @@ def test_from_pretrained_quantized_cache_with_options(tiny_dir, monkeypatch):
     (dict(kv_cache="int4", kv_cache_options={"key_quant": "head"}), "key_quant"),
     (dict(kv_cache="int8", kv_cache_options={"windows": 8}), "unknown kv_cache_options"),
     (dict(kv_cache="int8", kv_cache_options=[("window", 8)]), "must be a dict"),
-    (dict(kv_cache="bf16", kv_cache_options={"window": 8}), "quantized caches only"),
-    (dict(kv_cache="fp8"), "kv_cache must be one of"),
+    (dict(kv_cache="model-dtype", kv_cache_options={"window": 8}), "quantized caches only"),
+    (dict(kv_cache="bf16"), "now called 'model-dtype'"),
+    (dict(kv_cache="int2"), "kv_cache must be one of"),
     (dict(kv_cache="int8", attn_implementation="eager"), "pllava-fast attention"),
     (dict(device="cpu", device_map="auto"), "device or device_map"),
     (dict(max_memory={"cpu": "1GiB"}), "max_memory needs a device_map"),
@@ -280,13 +281,14 @@ def test_from_pretrained_rejects_bad_arguments(tiny_dir, kwargs, match):
 def test_patch_checks_kv_cache_options(tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match="quantized caches only"):
-        pllava_fast.patch(model, kv_cache="bf16", kv_cache_options={"window": 8})
+        pllava_fast.patch(model, kv_cache="model-dtype", kv_cache_options={"window": 8})
     with pytest.raises(ValueError, match="block"):
         pllava_fast.patch(model, kv_cache="int4", kv_cache_options={"block": 24})
     assert not patching.is_patched(model)
     pllava_fast.patch(model, kv_cache="int4", kv_cache_options={"window": 16, "key_quant": "channel"})
     try:
-        assert vars(model)[patching._STATE]["kv_cache_options"] == {"window": 16, "key_quant": "channel"}
+        assert vars(model)[patching._STATE]["kv_cache_spec"].options() == {"window": 16,
+                                                                           "key_quant": "channel"}
     finally:
         pllava_fast.unpatch(model)
 

@@ -1,10 +1,11 @@
-"""VideoPipeline: decode -> preprocess -> prompt -> generate, batching, streaming, timings."""
+"""VideoPipeline: video_decode -> preprocess -> prompt -> generate, batching, streaming, timings."""
 import pytest
 import torch
 
-from pllava_fast.demo import make_clip
-from pllava_fast.pipeline import STAGES, StageTimer, VideoPipeline, format_timings
-from pllava_fast.reference import ReferencePllava
+from pllava_fast.testing import make_clip
+from pllava_fast.pipeline import VideoPipeline
+from pllava_fast.timing import STAGES, StageTimer, format_timings
+from pllava_fast.original import ReferencePllava
 
 QUESTION = "What is happening in the video?"
 
@@ -61,8 +62,8 @@ def test_timings_cover_every_stage(pipe, clips):
     t = out.timings
     for stage in STAGES:
         assert t[f"{stage}_s"] > 0, stage
-    assert t["decode_steps"] == 5 and t["new_tokens"] == 6
-    assert t["decode_tokens_per_s"] > 0
+    assert t["llm_decode_steps"] == 5 and t["new_tokens"] == 6
+    assert t["llm_decode_tokens_per_s"] > 0
     assert t["ttft_s"] == pytest.approx(sum(t[f"{s}_s"] for s in STAGES[:-1]))
     table = format_timings(t)
     assert "prefill" in table and "tokens/s" in table
@@ -71,7 +72,7 @@ def test_timings_cover_every_stage(pipe, clips):
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_quantized_cache_runs(model_dir, clips, kind):
-    from pllava_fast.kv_cache import QuantizedKVCache
+    from pllava_fast.quantized_cache import QuantizedKVCache
 
     qpipe = VideoPipeline.from_pretrained(model_dir, kv_cache=kind)
     assert isinstance(qpipe.make_cache(), QuantizedKVCache)
@@ -95,7 +96,7 @@ def test_bad_inputs(pipe, clips, tmp_path):
     with pytest.raises(ValueError, match="exactly one image token"):
         pipe.tokenize(["no video token here"])
     with pytest.raises(ValueError, match="kv_cache"):
-        VideoPipeline(pipe.model, pipe.tokenizer, kv_cache="fp8")
+        VideoPipeline(pipe.model, pipe.tokenizer, kv_cache="int2")
     with pytest.raises(FileNotFoundError, match="model directory"):
         VideoPipeline.from_pretrained(tmp_path / "nope")
 
@@ -125,20 +126,20 @@ def test_device_map_dispatch_keeps_answers(model_dir, pipe, clips):
 
 
 def test_kv_cache_options_reach_make_cache(model_dir, clips, monkeypatch):
-    from pllava_fast import kv_cache
-    from pllava_fast.kv_cache import QuantizedKVCache
+    from pllava_fast import pipeline
+    from pllava_fast.quantized_cache import QuantizedKVCache
 
     qpipe = VideoPipeline.from_pretrained(
         model_dir, kv_cache="int4", kv_cache_options={"window": 8, "group_size": 32,
                                                       "key_quant": "channel"})
     built = []
-    make_cache = kv_cache.make_cache
-    monkeypatch.setattr(kv_cache, "make_cache",
-                        lambda *a, **kw: built.append(kw) or make_cache(*a, **kw))
+    make_cache = pipeline.make_cache
+    monkeypatch.setattr(pipeline, "make_cache",
+                        lambda *a, **kw: built.append(a) or make_cache(*a, **kw))
     out = qpipe(clips[:1], QUESTION, max_new_tokens=4)
     assert len(out.texts) == 1
-    assert built == [{"config": qpipe.model.config, "window": 8, "group_size": 32,
-                      "key_quant": "channel"}]
+    assert built == [(qpipe.kv_cache_spec, qpipe.model.config)]
+    assert qpipe.kv_cache_spec.options() == {"window": 8, "group_size": 32, "key_quant": "channel"}
     cache = qpipe.make_cache()
     assert isinstance(cache, QuantizedKVCache)
     assert (cache.bits, cache.window, cache.group_size, cache.key_quant) == (4, 8, 32, "channel")

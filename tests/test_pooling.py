@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from pllava_fast import ops
-from pllava_fast.kernels.pooling import _pool_visual_tokens, max_window, pool_visual_tokens_ref
+from pllava_fast.kernels.adaptive import max_window
+from pllava_fast.kernels.pooling import _pool_visual_tokens, pool_visual_tokens_ref
 
 # (dtype, atol, rtol): low precision is compared against the fp32 reference on the same inputs,
 # so the error is the output rounding (accumulation is fp32)
@@ -156,7 +157,7 @@ def test_grad_path_matches_reference():
 @pytest.mark.parametrize("return_norms", [False, True])
 def test_opcheck_pool(dtype, return_norms):
     x = torch.randn(8, 36, 24, dtype=dtype)
-    torch.library.opcheck(ops._pool_visual_tokens_op, (x, 4, 6, 6, 3, 4, 5, "gelu", return_norms))
+    torch.library.opcheck(ops.pooling._pool_visual_tokens_op, (x, 4, 6, 6, 3, 4, 5, "gelu", return_norms))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -164,17 +165,17 @@ def test_cuda_registration_on_interpreter(dtype):
     """The function registered for CUDA, run on CPU tensors (Triton interpreter; fp64 -> torch)."""
     x = torch.randn(8, 36, 24, dtype=dtype)
     want, want_norms = _expected(x, 4, (6, 6), (3, 4, 5))
-    pooled, norms = ops._pool_visual_tokens_cuda(x, 4, 6, 6, 3, 4, 5, "gelu", True)
+    pooled, norms = ops.pooling._pool_visual_tokens_cuda(x, 4, 6, 6, 3, 4, 5, "gelu", True)
     torch.testing.assert_close(pooled.float(), want, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(norms, want_norms, atol=1e-5, rtol=1e-5)
-    pooled, empty = ops._pool_visual_tokens_cuda(x, 4, 6, 6, 3, 4, 5, "gelu", False)
+    pooled, empty = ops.pooling._pool_visual_tokens_cuda(x, 4, 6, 6, 3, 4, 5, "gelu", False)
     assert pooled.dtype == dtype and empty.shape == (0,) and empty.dtype == torch.float32
 
 
 def test_opcheck_pool_identity_no_pooling():
     """Identity activation with the output grid equal to the input grid: still a fresh tensor."""
     x = torch.randn(8, 36, 24)
-    torch.library.opcheck(ops._pool_visual_tokens_op, (x, 4, 6, 6, 4, 6, 6, "identity", False))
+    torch.library.opcheck(ops.pooling._pool_visual_tokens_op, (x, 4, 6, 6, 4, 6, 6, "identity", False))
     out = ops.pool_visual_tokens(x, 4, (6, 6), (4, 6, 6), "identity")
     torch.testing.assert_close(out, x.view(2, 144, 24), atol=0, rtol=0)
     assert out.data_ptr() != x.data_ptr()

@@ -23,12 +23,8 @@ from transformers.image_utils import ChannelDimension, PILImageResampling  # noq
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
 
 from pllava_fast import _ext, ops  # noqa: E402
-from pllava_fast.preprocess import (  # noqa: E402
-    frames_to_pixel_values,
-    frames_to_tensor_torch,
-    pllava_geometry,
-    yuv_to_rgb,
-)
+from pllava_fast.ops.frames import frames_to_tensor_torch, yuv_to_rgb  # noqa: E402
+from pllava_fast.preprocess import frames_to_pixel_values, pllava_geometry  # noqa: E402
 
 CLIP = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
 STD = torch.tensor(ops.CLIP_STD)[None, :, None, None]
@@ -277,9 +273,9 @@ def _op_args(frames, u, v, size, matrix=0, full=False, dtype=torch.float32, out=
 
 def test_opcheck():
     y, u, v = _random_yuv(2, 45, 61)
-    torch.library.opcheck(ops._frames_to_tensor_op, _op_args(y, u, v, (45, 61), out=40))
+    torch.library.opcheck(ops.frames._frames_to_tensor_op, _op_args(y, u, v, (45, 61), out=40))
     rgb = torch.randint(0, 256, (1, 37, 50, 3), dtype=torch.uint8)
-    torch.library.opcheck(ops._frames_to_tensor_op,
+    torch.library.opcheck(ops.frames._frames_to_tensor_op,
                           _op_args(rgb, None, None, (37, 50), dtype=torch.bfloat16, out=24))
 
 
@@ -309,7 +305,8 @@ def test_portable_cpp_loops_agree_with_torch_fallback():
     code = (
         "import torch\n"
         "from pllava_fast import _ext, ops\n"
-        "from pllava_fast.preprocess import frames_to_tensor_torch, pllava_geometry\n"
+        "from pllava_fast.ops.frames import frames_to_tensor_torch\n"
+        "from pllava_fast.preprocess import pllava_geometry\n"
         "g = torch.Generator().manual_seed(0)\n"
         "for h, w in ((45, 61), (241, 321), (720, 1280)):\n"
         "    y = torch.randint(0, 256, (1, h, w), dtype=torch.uint8, generator=g)\n"

@@ -12,7 +12,7 @@ from transformers import LlavaForConditionalGeneration
 
 from pllava_fast import PllavaForConditionalGeneration
 from pllava_fast.conversation import load_tokenizer
-from pllava_fast.reference import ReferencePllava
+from pllava_fast.original import ReferencePllava
 from pllava_fast.testing import random_pixel_values, save_tiny_pllava, tiny_pllava
 
 PROMPTS = ["USER:<image> What is happening in the video? ASSISTANT:",

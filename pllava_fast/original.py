@@ -1,4 +1,5 @@
-"""The original PLLaVA forward order, as the baseline for tests and benchmarks.
+"""The original PLLaVA end to end, as the baseline for tests and benchmarks: its decode, its
+preprocessing and its forward order (``ReferencePllava``).
 
 Written from the paper and the original code's behaviour, sharing weights with a
 ``PllavaForConditionalGeneration``:
@@ -15,14 +16,20 @@ Written from the paper and the original code's behaviour, sharing weights with a
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
+import av
+import numpy as np
 import torch
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
 
-from .model import cache_kwarg_name
+from .compat import cache_kwarg_name
+from .preprocess import pllava_geometry
+from .timing import StageTimer, _ModelProbe, summarise
+from .video.sampling import sample_indices
 
 
 class ReferencePllava(nn.Module):
@@ -164,3 +171,90 @@ class ReferencePllava(nn.Module):
                                          position_ids=position_ids, use_cache=True,
                                          **{self._cache_kw: cache}).logits
         return out
+
+
+# -- the original-style pipeline -------------------------------------------------------------------
+def _decord():
+    try:
+        import decord
+    except ImportError:
+        raise ImportError("the original PLLaVA baseline decodes with decord: pip install "
+                          "'pllava-fast[bench]' (decord 0.6.0)") from None
+    return decord
+
+
+def original_decode(path, num_frames: int, *, start=None, end=None):
+    """PLLaVA's reader: ``decord.VideoReader(path)``, ``get_index`` over ``len(vr)`` frames
+    (``sample_indices``; time bounds with decord's average fps), ``get_batch`` (decord seeks to
+    keyframes and decodes on), then each frame as a PIL image."""
+    from PIL import Image
+
+    vr = _decord().VideoReader(os.fspath(path))
+    idx = sample_indices(len(vr), num_frames, fps=vr.get_avg_fps(), start=start, end=end)
+    return [Image.fromarray(f) for f in vr.get_batch(idx).asnumpy()]
+
+
+def decode_every_frame(path, num_frames: int, *, start=None, end=None):
+    """A weaker baseline beside the original (torchvision's ``read_video`` / vLLM style): every
+    frame of ``path`` decoded to RGB with PyAV, then the sampled ones as PIL images."""
+    from PIL import Image
+
+    with av.open(os.fspath(path)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate) if stream.average_rate else None
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    if not frames:
+        raise ValueError(f"{path}: no video frames")
+    idx = sample_indices(len(frames), num_frames, fps=fps, start=start, end=end)
+    return [Image.fromarray(frames[i]) for i in idx]
+
+
+def original_preprocess(images, image_size: int, processor=None) -> torch.Tensor:
+    """PllavaProcessor-style: Pillow bicubic resize to the shared short edge and crop to the
+    shared aspect (per frame), then CLIPImageProcessorPil (resize, center crop, normalize)."""
+    from PIL import Image
+
+    if processor is None:
+        processor = clip_processor(image_size)
+    w, h = images[0].size
+    h1, w1, top, left, hc, wc = pllava_geometry([(h, w)], image_size)[0][:6]
+    cropped = [np.asarray(img.resize((w1, h1), Image.BICUBIC))[top:top + hc, left:left + wc]
+               for img in images]
+    return processor(cropped, return_tensors="pt")["pixel_values"]
+
+
+def clip_processor(image_size: int):
+    """transformers' CLIPImageProcessorPil at ``image_size`` (resize shortest edge, center crop)."""
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                 crop_size={"height": image_size, "width": image_size})
+
+
+class OriginalPipeline:
+    """The baseline: decord decode, PIL preprocessing, ``ReferencePllava`` on shared weights.
+
+    ``decode`` picks the video reader: ``original_decode`` (decord, the default) or
+    ``decode_every_frame`` (the weaker, labelled baseline).
+    """
+
+    def __init__(self, pipe, decode=original_decode):
+        self.pipe, self.decode = pipe, decode
+        self.reference = ReferencePllava.from_model(pipe.model)
+        self.processor = clip_processor(pipe.image_size)
+
+    def __call__(self, videos, question, *, max_new_tokens: int):
+        pipe, timer = self.pipe, StageTimer(self.pipe.device)
+        with timer.stage("video_decode"):
+            frames = [self.decode(v, pipe.num_frames) for v in videos]
+        with timer.stage("preprocess"):
+            pixels = torch.cat([original_preprocess(f, pipe.image_size, self.processor)
+                                for f in frames]).to(pipe.device, pipe.dtype)
+        inputs = pipe.tokenize(pipe.prompts([question] * len(videos)))
+        probe = _ModelProbe(self.reference, timer, part=("vision", "vision_tower"),
+                            rest="projector")
+        with torch.inference_mode(), probe, timer.stage("model"):
+            out = self.reference.generate(inputs["input_ids"], pixels, inputs["attention_mask"],
+                                          max_new_tokens=max_new_tokens, eos_token_id=None)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return new.cpu(), summarise(timer, len(videos), new.shape[1])

@@ -1,0 +1,213 @@
+"""What every subcommand shares: exit codes, the flags declared once, and how errors print.
+
+Exit codes (the same for every command):
+
+* 0 success;
+* 1 some inputs failed (their rows say why) while the others were done;
+* 2 bad arguments or inputs, found before any model loads (``UsageError``);
+* 3 the run itself failed (model load, out of memory, ...);
+* 130 interrupted (SIGINT / Ctrl-C).
+
+An error prints one line ``error: ...`` on stderr naming the file, frame, argument or shape; the
+traceback follows only with ``--debug`` or ``PLLAVA_FAST_DEBUG=1``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import traceback
+
+from ..devices import DTYPE_CHOICES
+from ..kv_spec import CACHE_KINDS, KEY_QUANT, KVCacheSpec
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class UsageError(ValueError):
+    """Arguments or inputs that cannot work: exit code 2, one line, no traceback."""
+
+
+def debug_enabled(args=None) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("PLLAVA_FAST_DEBUG", "") not in ("", "0")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its message with line breaks folded (e.g. a checkpoint's list
+    of missing keys), or its type when it has no message."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return text or type(exc).__name__
+
+
+def error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def run_command(module, args) -> int:
+    """``module.check(args)`` (cheap checks: any ValueError / OSError is a usage error), then
+    ``module.run(args)``; exceptions become the documented exit codes and one line."""
+    debug = debug_enabled(args)
+    stage = "check"
+    try:
+        check = getattr(module, "check", None)
+        if check is not None:
+            try:
+                check(args)
+            except (ValueError, OSError) as exc:
+                raise UsageError(one_line(exc)) from exc
+        stage = "run"
+        return int(module.run(args) or 0)
+    except UsageError as exc:
+        _report(exc, debug)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `pllava-fast caption ... | head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return EXIT_OK
+    except MemoryError as exc:
+        _report(exc, debug, prefix="out of memory: ")
+        return EXIT_RUN_FAILED
+    except Exception as exc:  # the one place that turns a failure into one line
+        _report(exc, debug, prefix="" if stage == "run" else "while checking: ")
+        return EXIT_RUN_FAILED
+
+
+def _report(exc: BaseException, debug: bool, prefix: str = "") -> None:
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    error(prefix + one_line(exc))
+
+
+# -- flags declared once ---------------------------------------------------------------------------
+def add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an error (also PLLAVA_FAST_DEBUG=1)")
+
+
+def add_model_argument(parser, *, required: bool, help_text: str | None = None) -> None:
+    parser.add_argument("--model", metavar="DIR", required=required,
+                        help=help_text or "PLLaVA checkpoint directory")
+
+
+def add_device_arguments(parser) -> None:
+    parser.add_argument("--device", default=None,
+                        help="cpu | cuda | cuda:N (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, metavar="DTYPE",
+                        help="auto (bf16 on CUDA, fp32 on CPU) | checkpoint | bf16 | fp16 | fp32")
+
+
+def add_num_frames_argument(parser) -> None:
+    parser.add_argument("--num-frames", type=int, default=None, metavar="N",
+                        help="frames sampled per video (default: the model's num_frames)")
+
+
+def add_max_new_tokens_argument(parser, default: int) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=default, metavar="N",
+                        help=f"tokens to generate at most (default {default})")
+
+
+def add_kv_cache_arguments(parser) -> None:
+    """``--kv-cache`` and the quantized cache's ``--kv-window``, ``--kv-group-size``,
+    ``--kv-key-quant`` (read back with ``kv_cache_spec``)."""
+    group = parser.add_argument_group("KV cache")
+    group.add_argument("--kv-cache", default="model-dtype", choices=CACHE_KINDS,
+                       help="KV-cache format: model-dtype (transformers' cache in the model's "
+                            "dtype, answers unchanged), int8 or int4 (quantized, less memory)")
+    group.add_argument("--kv-window", type=int, default=None, metavar="N",
+                       help="int8/int4: most recent tokens kept in full precision (default 128)")
+    group.add_argument("--kv-group-size", type=int, default=None, metavar="N",
+                       help="int8/int4: channels per scale group, a power of two (default 64)")
+    group.add_argument("--kv-key-quant", default=None, choices=KEY_QUANT,
+                       help="int8/int4: key scales per token group or per channel (KIVI) "
+                            "(default token)")
+
+
+_KV_FLAGS = {"window": "--kv-window", "group_size": "--kv-group-size", "key_quant": "--kv-key-quant"}
+
+
+def kv_cache_spec(args) -> KVCacheSpec:
+    """The ``KVCacheSpec`` of the ``--kv-*`` flags; a UsageError naming the flags when they do
+    not fit together."""
+    options = {key: getattr(args, flag[2:].replace("-", "_"), None)
+               for key, flag in _KV_FLAGS.items()}
+    options = {k: v for k, v in options.items() if v is not None}
+    named = ", ".join(_KV_FLAGS[k] for k in options)
+    if options and args.kv_cache == "model-dtype":
+        raise UsageError(f"{named}: only with --kv-cache int8 or int4")
+    try:
+        return KVCacheSpec.of(args.kv_cache, options)
+    except ValueError as exc:
+        raise UsageError(f"bad KV-cache flags ({named}): {exc}") from None
+
+
+# -- checks shared by the commands (cheap: no model, torch only for the device) -----------------
+def positive(name: str, value, minimum: int = 1):
+    """A UsageError unless the int flag ``name`` is >= ``minimum`` (None passes)."""
+    if value is not None and value < minimum:
+        raise UsageError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def finite_times(start, end) -> None:
+    """--start / --end: finite seconds >= 0, start before end (argparse's float takes 'nan')."""
+    for name, t in (("--start", start), ("--end", end)):
+        if t is not None and not (math.isfinite(t) and t >= 0):
+            raise UsageError(f"{name} must be a finite time >= 0 seconds, got {t}")
+    if start is not None and end is not None and end <= start:
+        raise UsageError(f"--end ({end} s) must be after --start ({start} s)")
+
+
+def parse_pooling(spec):
+    """--pooling T,H,W (or TxHxW) -> a tuple of three positive ints, or None."""
+    if spec is None:
+        return None
+    parts = str(spec).replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) <= 0:
+        raise UsageError(f"--pooling must be three positive ints T,H,W (e.g. 16,12,12), got {spec!r}")
+    return shape
+
+
+def device_of(args, local_rank: int | None = None) -> str:
+    """--device checked against this machine (imports torch: call it after the cheap checks).
+    Without --device: cuda when available (``cuda:<local_rank % GPUs>`` under torchrun), else cpu."""
+    from ..devices import check_device, default_device
+
+    device = args.device or default_device()
+    if args.device is None and device == "cuda" and local_rank is not None:
+        import torch
+
+        device = f"cuda:{local_rank % torch.cuda.device_count()}"
+    try:
+        return str(check_device(device))
+    except ValueError as exc:
+        raise UsageError(f"--device: {exc}") from None
+
+
+def check_fit(info, *, headers, num_frames, pooling, prompt, max_new_tokens, batch_size, device,
+              dtype, what="the prompt") -> None:
+    """The run's context and memory against the model's config and this machine: prompt +
+    visual tokens + new tokens within the LM's positions; the visual stage of one batch (the
+    largest of the videos' ``preflight.VideoHeader``s) within the available memory."""
+    from .. import preflight
+
+    visual = math.prod(pooling) if pooling else info.visual_tokens
+    preflight.check_context(info, preflight.prompt_tokens(info, prompt), max_new_tokens,
+                            visual_tokens=visual, what=what)
+    if headers:
+        largest = max(headers, key=lambda h: h.width * h.height)
+        on_host = not str(device).startswith("cuda")
+        elem = 4 if dtype in ("fp32", "float32", "float") or (dtype in ("auto", "checkpoint") and on_host) else 2
+        need = preflight.visual_bytes([largest] * batch_size, num_frames or info.num_frames,
+                                      info, elem, on_host)
+        preflight.check_memory(need, f"{batch_size} video(s) of {largest.width}x{largest.height} "
+                                     f"at {num_frames or info.num_frames} frames ({largest.path})")

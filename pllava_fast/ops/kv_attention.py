@@ -1,0 +1,222 @@
+"""``pllava_fast::decode_attention``: one new query token over a quantized KV cache.
+
+Wrapper (validates) -> custom op (CUDA: the split-sequence Triton kernel of
+``kernels/decode_attention.py``; CPU: chunked batched matmuls below) -> fake.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .kv_quant import KV_BITS
+
+
+def decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor,
+                     v_scale: Tensor, v_zero: Tensor, k_win: Tensor, v_win: Tensor,
+                     kv_mask: Tensor | None = None, *, bits: int, group_size: int,
+                     key_block: int = 0, sm_scale: float | None = None) -> Tensor:
+    """Attention of one new token per sequence over a quantized cache + full-precision window.
+
+    Shapes (see ``kernels/decode_attention.py``): q (B, Hq, D); codes (B, Hkv, Tq, Dc) uint8 (or
+    floating for ``bits=16``); scales per token group (B, Hkv, Tq, G) or, for keys with
+    ``key_block``, per channel (B, Hkv, Tq // key_block, D); window (B, Hkv, W, D); kv_mask
+    (B, Tq + W) bool, True where a key is visible. Returns (B, Hq, D) in q's dtype.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q must be (B, Hq, D), got shape {tuple(q.shape)}")
+    b, hq, d = q.shape
+    if d % 2:
+        raise ValueError(f"decode attention needs an even head dim, got {d}")
+    if bits not in KV_BITS:
+        raise ValueError(f"bits must be one of {KV_BITS}, got {bits}")
+    for name, t in (("k_codes", k_codes), ("v_codes", v_codes), ("k_win", k_win), ("v_win", v_win)):
+        if t.dim() != 4 or t.shape[0] != b:
+            raise ValueError(f"{name} must be (B={b}, Hkv, T, *), got shape {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    hkv, tq = k_codes.shape[1], k_codes.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    dc = d if bits != 4 else d // 2
+    if k_codes.shape[-1] != dc or v_codes.shape[-1] != dc or k_win.shape[-1] != d:
+        raise ValueError(f"code width must be {dc} and window width {d} for head dim {d} at "
+                         f"{bits} bits, got {k_codes.shape[-1]}, {v_codes.shape[-1]}, {k_win.shape[-1]}")
+    if bits != 16 and (k_codes.dtype != torch.uint8 or v_codes.dtype != torch.uint8):
+        raise ValueError(f"codes must be uint8 at {bits} bits, got {k_codes.dtype}, {v_codes.dtype}")
+    if kv_mask is not None and (kv_mask.dtype != torch.bool or
+                                tuple(kv_mask.shape) != (b, tq + k_win.shape[2])):
+        raise ValueError(f"kv_mask must be bool (B, Tq + W) = ({b}, {tq + k_win.shape[2]}), "
+                         f"got {kv_mask.dtype} {tuple(kv_mask.shape)}")
+    if key_block and tq % key_block:
+        raise ValueError(f"per-channel keys cover whole blocks: Tq={tq} is not a multiple of "
+                         f"key_block={key_block}")
+    if bits == 16:
+        k_scale = k_zero = v_scale = v_zero = q.new_empty(0, dtype=torch.float32)
+    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
+    return _decode_attention_op(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win,
+                                v_win, kv_mask, int(bits), int(group_size), int(key_block), scale)
+
+
+@torch.library.custom_op("pllava_fast::decode_attention", mutates_args=())
+def _decode_attention_op(
+    q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor, v_scale: Tensor,
+    v_zero: Tensor, k_win: Tensor, v_win: Tensor, kv_mask: Tensor | None, bits: int,
+    group_size: int, key_block: int, sm_scale: float,
+) -> Tensor:
+    args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win, kv_mask,
+            bits, group_size, key_block, sm_scale)
+    return _decode_attention_torch(*args)
+
+
+@_decode_attention_op.register_kernel("cuda")
+def _decode_attention_cuda(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win,
+                           kv_mask, bits, group_size, key_block, sm_scale):
+    from ..kernels.decode_attention import _decode_attention
+
+    return _decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win,
+                             kv_mask, bits, group_size, key_block, sm_scale)
+
+
+@_decode_attention_op.register_fake
+def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win, kv_mask, bits,
+      group_size, key_block, sm_scale):
+    return torch.empty_like(q)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU implementation
+# ---------------------------------------------------------------------------------------------
+def _planes(x: Tensor, bits: int) -> Tensor:
+    """(..., D) -> (..., P, D // P) in the order the code planes are unpacked: int4 bytes hold a
+    channel pair (low nibble even, high nibble odd), so int4 works on an even and an odd plane
+    (P = 2) and unpacking is two vectorised bit ops per byte, no interleave; int8 has one plane."""
+    if bits == 4:
+        return torch.stack((x[..., 0::2], x[..., 1::2]), dim=-2)
+    return x.unsqueeze(-2)
+
+
+def _unpack_into(buf: Tensor, codes: Tensor, bits: int) -> None:
+    """Convert a (B, H, n, Dc) code chunk into ``buf`` (B, H, G, n, P, w) of the compute dtype:
+    planes split, channel groups moved next to the batch dims so that each group's dot products
+    are one batched matmul (BLAS), and a partial last group zero-padded."""
+    groups, width = buf.shape[2], buf.shape[-1]
+    planes = (codes & 15, codes >> 4) if bits == 4 else (codes,)
+    for i, c in enumerate(planes):
+        if groups == 1 and width == c.shape[-1]:
+            buf[:, :, 0, :, i].copy_(c)  # the common case (group >= head dim): a plain 4-d copy
+            continue
+        pad = groups * width - c.shape[-1]
+        if pad:
+            c = F.pad(c, (0, pad))
+        buf[..., i, :].copy_(c.unflatten(-1, (groups, width)).transpose(2, 3))
+
+
+def _converted_chunks(codes: Tensor, buf: Tensor, bits: int):
+    """Yield each token chunk of ``codes`` converted into ``buf`` (see ``_unpack_into``), as a
+    (B * H * G, n, P * w) matrix view; full chunks reuse one prebuilt view (fewer Python ops)."""
+    b, h, g, chunk, npl, w = buf.shape
+    full = buf.view(b * h * g, chunk, npl * w)
+    for c in codes.split(chunk, dim=2):
+        n = c.shape[2]
+        dst = buf if n == chunk else buf[:, :, :, :n]
+        _unpack_into(dst, c, bits)
+        yield full if n == chunk else dst.reshape(b * h * g, n, npl * w)
+
+
+# elements of one converted code chunk (all sequences and heads): 2 MiB of fp32, about one
+# core's L2. Smaller chunks pay the per-op overhead more often; larger ones spill to L3 and the
+# conversion copy slows down (measured at 32 heads x 128, 1 and 8 sequences).
+_DECODE_CHUNK_ELEMENTS = 1 << 19
+
+
+def _decode_attention_torch(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win,
+                            kv_mask, bits, group_size, key_block, sm_scale, chunk=None):
+    """CPU path, two passes over the codes in token chunks. Each chunk is converted once to fp32
+    (int4 unpacked with bit ops) into a reused buffer and fed to batched matmuls (BLAS). Per-group
+    scale/zero are folded in on the small side: q . (s c + z) = s (q . c) + z sum(q) for the
+    scores, sum_t p (s c + z) = (p s) . c + p . z for the values, so no dequantized K/V is formed.
+    The scores of the whole context, (B, Hq, T) fp32, are small, so the softmax is exact over one
+    row (no per-chunk online rescaling), which leaves only the conversion and one matmul per chunk
+    and pass. Query heads are laid out as (KV head, GQA group), so K/V are never repeated."""
+    b, hq, d = q.shape
+    hkv, tq = k_codes.shape[1], k_codes.shape[2]
+    r, bh, f32 = hq // hkv, b * hkv, torch.float32
+    qg = q.to(f32).view(b, hkv, r, d) * sm_scale
+    if chunk is None:
+        chunk = max(16, _DECODE_CHUNK_ELEMENTS // max(1, bh * d) // 16 * 16)
+    if key_block:
+        chunk = max(key_block, chunk // key_block * key_block)
+    chunk = max(1, min(chunk, tq))
+    spans = [(t0, min(t0 + chunk, tq)) for t0 in range(0, tq, chunk)]
+    npl = 2 if bits == 4 else 1
+    dp = d // npl
+    # token groups: G groups of w channels per plane (a single group spans the whole row)
+    ng = 1 if bits == 16 else -(-d // group_size)
+    w = dp if ng == 1 else group_size // npl
+
+    # -- pass 1: scores of the quantized part
+    if bits == 16:
+        s_q = torch.cat([torch.matmul(qg, k_codes[:, :, t0:t1].to(f32).transpose(-1, -2))
+                         for t0, t1 in spans] or [qg.new_empty(b, hkv, r, 0)], -1)
+    else:
+        qp = _planes(qg, bits)  # (B, H, R, P, Dp)
+        if key_block:
+            # per-channel key scales, constant over a block of tokens: folded into q per block
+            qk = qp.flatten(-2)  # (B, H, R, P * Dp)
+            qks = qk[:, :, None] * _planes(k_scale, bits).flatten(-2)[:, :, :, None]  # (B, H, NB, R, PD)
+            zdot = torch.matmul(_planes(k_zero, bits).flatten(-2), qk.transpose(-1, -2))  # (B, H, NB, R)
+            kbuf = torch.empty(b, hkv, 1, chunk, npl, dp, dtype=f32, device=q.device)
+            parts, b0 = [], 0
+            for kc in _converted_chunks(k_codes, kbuf, bits):
+                nb = kc.shape[1] // key_block
+                kc = kc.view(b, hkv, nb, key_block, npl * dp)
+                parts.append(torch.matmul(qks[:, :, b0:b0 + nb], kc.transpose(-1, -2)))
+                b0 += nb
+            dots = torch.cat(parts, 2) if parts else qks.new_empty(b, hkv, 0, r, key_block)
+            s_q = (dots + zdot[..., None]).permute(0, 1, 3, 2, 4).reshape(b, hkv, r, tq)
+        else:
+            if ng * w != dp:
+                qp = F.pad(qp, (0, ng * w - dp))
+            qv = qp.unflatten(-1, (ng, w)).permute(0, 1, 4, 2, 3, 5)  # (B, H, G, R, P, w)
+            qsum = qv.sum((-2, -1))[..., None]  # (B, H, G, R, 1)
+            qv = qv.reshape(bh * ng, r, npl * w)
+            kbuf = torch.empty(b, hkv, ng, chunk, npl, w, dtype=f32, device=q.device)
+            parts = [torch.bmm(qv, kc.transpose(1, 2)) for kc in _converted_chunks(k_codes, kbuf, bits)]
+            dots = torch.cat(parts, -1) if parts else qv.new_empty(bh * ng, r, 0)
+            ks = k_scale.transpose(2, 3)[:, :, :, None]  # (B, H, G, 1, Tq)
+            kz = k_zero.transpose(2, 3)[:, :, :, None]
+            s_q = torch.addcmul(qsum * kz, dots.view(b, hkv, ng, r, tq), ks).sum(2)
+
+    # -- exact softmax over the whole row (quantized part, then the window)
+    s = torch.cat([s_q, torch.matmul(qg, k_win.to(f32).transpose(-1, -2))], -1)
+    if kv_mask is not None:
+        s = s.masked_fill(~kv_mask[:, None, None], float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isinf(m), torch.zeros_like(m), m))  # masked rows: p = 0
+    l = p.sum(-1, keepdim=True)
+    pq = p[..., :tq]
+
+    # -- pass 2: values
+    acc = torch.matmul(p[..., tq:], v_win.to(f32))  # (B, H, R, D)
+    if bits == 16:
+        for t0, t1 in spans:
+            acc = acc + torch.matmul(pq[..., t0:t1], v_codes[:, :, t0:t1].to(f32))
+    elif tq:
+        ps = (pq[:, :, None] * v_scale.transpose(2, 3)[:, :, :, None]).reshape(bh * ng, r, tq)
+        accq = qg.new_zeros(bh * ng, r, npl * w)
+        vbuf = kbuf if kbuf.shape == (b, hkv, ng, chunk, npl, w) else \
+            torch.empty(b, hkv, ng, chunk, npl, w, dtype=f32, device=q.device)
+        t0 = 0
+        for vc in _converted_chunks(v_codes, vbuf, bits):
+            accq.baddbmm_(ps[:, :, t0:t0 + vc.shape[1]], vc)
+            t0 += vc.shape[1]
+        zsum = torch.matmul(pq, v_zero).transpose(2, 3)[..., None]  # (B, H, G, R, 1)
+        accq = (accq.view(b, hkv, ng, r, npl * w) + zsum).unflatten(-1, (npl, w))
+        # (B, H, G, R, P, w) -> (B, H, R, D) in channel order
+        accq = accq.permute(0, 1, 3, 4, 2, 5).reshape(b, hkv, r, npl, ng * w)[..., :dp]
+        acc = acc + accq.transpose(-1, -2).reshape(b, hkv, r, d)
+    out = acc / torch.where(l > 0, l, torch.ones_like(l))
+    return out.view(b, hq, d).to(q.dtype)

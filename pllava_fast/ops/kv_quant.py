@@ -1,0 +1,67 @@
+"""``pllava_fast::quantize_kv``: int8 / int4 codes of KV rows (format: ``kernels/kv_format.py``).
+
+Wrapper (validates) -> custom op (CUDA: the Triton kernels of ``kernels/kv_quant.py``; CPU: the
+plain-torch format definition) -> fake.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels import kv_format
+
+KV_BITS = (4, 8, 16)
+
+
+def quantize_kv(x: Tensor, bits: int = 4, group_size: int = 64, key_block: int = 0):
+    """Asymmetric int8 / int4 quantization of KV rows (format in ``kernels/kv_format.py``).
+
+    Args:
+        x: (N, D) floating, one row per (sequence, head, token).
+        bits: 8 or 4 (int4 packs two codes per byte). D must be even.
+        group_size: channels per scale group (power of two), for token groups.
+        key_block: 0 for token groups; else KIVI-style per-channel groups over ``key_block``
+            consecutive rows (a power of two dividing N).
+
+    Returns:
+        codes (N, D or D // 2) uint8, scale and zero float32: (N, ceil(D / group_size)) for token
+        groups, (N // key_block, D) for channel groups.
+    """
+    if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating (N, D) tensor, got {getattr(x, 'dtype', type(x))} "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if x.shape[1] % 2:
+        raise ValueError(f"KV quantization needs an even head dim, got {x.shape[1]}")
+    if group_size < 2 or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 2, got {group_size}")
+    if key_block < 0 or (key_block and (key_block & (key_block - 1) or x.shape[0] % key_block)):
+        raise ValueError(f"key_block must be 0 or a power of two dividing N={x.shape[0]}, got {key_block}")
+    return _quantize_kv_op(x.contiguous(), int(bits), int(group_size), int(key_block))
+
+
+@torch.library.custom_op("pllava_fast::quantize_kv", mutates_args=())
+def _quantize_kv_op(x: Tensor, bits: int, group_size: int, key_block: int) -> tuple[Tensor, Tensor, Tensor]:
+    # CPU: the format's own definition (plain torch)
+    if key_block:
+        return kv_format.quantize_channels_ref(x, bits, key_block)
+    return kv_format.quantize_groups_ref(x, bits, group_size)
+
+
+@_quantize_kv_op.register_kernel("cuda")
+def _quantize_kv_cuda(x, bits, group_size, key_block):
+    # imported here: Triton (and its interpreter flag) only matters once a kernel runs
+    from ..kernels import kv_quant
+
+    if key_block:
+        return kv_quant._quantize_channels(x, bits, key_block)
+    return kv_quant._quantize_groups(x, bits, group_size)
+
+
+@_quantize_kv_op.register_fake
+def _(x, bits, group_size, key_block):
+    n, d = x.shape
+    codes = x.new_empty(n, d // 2 if bits == 4 else d, dtype=torch.uint8)
+    shape = (n // key_block, d) if key_block else (n, -(-d // group_size))
+    return codes, x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)

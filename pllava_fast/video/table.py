@@ -1,0 +1,72 @@
+"""One demux pass over a video stream: the frame table (pts, keyframes, discard flags) that
+numbers the frames and plans the seeks, read without decoding."""
+from __future__ import annotations
+
+import dataclasses
+
+import av
+
+from .frames import VideoDecodeError
+from .sources import _Opener, _video_stream
+
+
+@dataclasses.dataclass
+class _Table:
+    """One demux pass over the video stream (reads packets, decodes nothing).
+
+    pts[i], key[i], discard[i]: pts and flags of the i-th packet in decode order; the decoder
+    drops the frames of discard packets (pre-roll before an edit list's start).
+    """
+
+    pts: list
+    key: list
+    discard: list
+    codec: str
+    fps: float | None
+
+    @property
+    def seekable(self) -> bool:
+        """Every packet has a distinct pts and decoding starts on a keyframe, so presentation
+        index <-> pts is known without decoding and frames can be found after a seek."""
+        return (bool(self.pts) and self.key[0] and None not in self.pts
+                and len(set(self.pts)) == len(self.pts))
+
+    @property
+    def frame_pts(self) -> list:
+        """pts of the output frames in presentation order."""
+        return sorted(p for p, d in zip(self.pts, self.discard) if not d)
+
+
+def _scan(opener: _Opener):
+    """Demux the whole video stream once; returns (table, the open container at its end)."""
+    container = opener.open()
+    try:
+        stream = _video_stream(container, opener.name)
+        pts, key, discard = [], [], []
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:  # the demuxer's end-of-stream marker
+                    continue
+                pts.append(packet.pts)
+                key.append(bool(packet.is_keyframe))
+                discard.append(bool(packet.is_discard))
+        except (av.error.FFmpegError, EOFError) as e:
+            raise VideoDecodeError(f"{opener.name}: corrupt or truncated video ({e})") from e
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        listed = stream.frames
+        codec = stream.codec_context.name
+        mov = "mp4" in container.format.name
+    except BaseException:
+        container.close()
+        raise
+    if all(discard):
+        container.close()
+        raise VideoDecodeError(f"{opener.name}: the video stream has no frames")
+    if mov and listed and len(pts) < listed:
+        # mp4/mov list every sample; fewer packets than listed means the data was cut short
+        container.close()
+        raise VideoDecodeError(f"{opener.name}: truncated video: the container lists {listed} "
+                               f"frames, only {len(pts)} could be read")
+    table = _Table(pts=pts, key=key, discard=discard, codec=codec,
+                   fps=float(rate) if rate else None)
+    return table, container
