@@ -4,7 +4,7 @@ Baseline: decode every frame and keep the sampled ones (what decord- and vLLM-st
 with the same FFmpeg threading. Ours: ``pllava_fast.video.read_video`` (one demux pass, then
 keyframe seeks only where they decode fewer frames). Both return the same YUV planes.
 
-    python benchmarks/bench_frames.py [--seconds 60] [--gops 12 60 250] [--repeats 3]
+    python -m benchmarks.bench_frames [--seconds 60] [--gops 12 60 250] [--repeats 3]
 
 Clips are generated once with PyAV and cached under $PLLAVA_FAST_BENCH_CACHE (default
 /tmp/pllava_fast_bench). Writes benchmarks/results/frames_decode-<device>.json.
@@ -18,8 +18,9 @@ import pathlib
 import av
 import numpy as np
 
-from harness import compare, write_results
 from pllava_fast.video import frame_to_yuv420, read_video, sample_indices
+
+from .harness import compare, write_results
 
 CACHE = pathlib.Path(os.environ.get("PLLAVA_FAST_BENCH_CACHE", "/tmp/pllava_fast_bench"))
 

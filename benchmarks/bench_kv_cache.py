@@ -11,7 +11,7 @@
 * Greedy agreement: teacher-forced per-step argmax agreement with DynamicCache on the toy
   induction model of the tests (20 prompts, 320-token contexts, window 16).
 
-    python benchmarks/bench_kv_cache.py [--device cuda] [--repeats 10]
+    python -m benchmarks.bench_kv_cache [--device cuda] [--repeats 10]
 
 Writes benchmarks/results/kv_cache-<device>.json.
 """
@@ -23,9 +23,12 @@ import pathlib
 import torch
 import torch.nn.functional as F
 
-from harness import compare, write_results
 from pllava_fast import ops
-from pllava_fast.kv_cache import QuantizedKVLayer, bytes_per_token, make_cache, teacher_forced_logits
+from pllava_fast.kv_cache import make_cache, teacher_forced_logits
+from pllava_fast.kv_spec import bytes_per_token
+from pllava_fast.quantized_cache import QuantizedKVLayer
+
+from .harness import compare, default_device, write_results
 
 LAYERS, HEADS, HEAD_DIM, GROUP, WINDOW = 32, 32, 128, 128, 128
 TOY_MODEL = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "kv_cache_toy_llama"
@@ -35,7 +38,7 @@ def memory_records(device):
     """Bytes per token, measured on one filled layer (x LAYERS) and from the format."""
     recs, measured = [], {}
     tokens = 4096 + WINDOW
-    bf16 = bytes_per_token("bf16", LAYERS, HEADS, HEAD_DIM)
+    bf16 = bytes_per_token("model-dtype", LAYERS, HEADS, HEAD_DIM)
     measured["bf16"] = bf16
     for kind, bits in (("int8", 8), ("int4", 4)):
         layer = QuantizedKVLayer(bits=bits, group_size=GROUP, window=WINDOW, block=64)
@@ -109,7 +112,7 @@ def agreement_records():
         mask[i, : 3 * i] = 0
     ref = teacher_forced_logits(model, ids, mask, prompt_len, DynamicCache()).argmax(-1)
     recs = []
-    for kind in ("fp", "int8", "int4"):
+    for kind in ("unquantized", "int8", "int4"):
         for key_quant in ("token", "channel"):
             cache = make_cache(kind, model.config, window=16, block=16, group_size=16, key_quant=key_quant)
             agree = (teacher_forced_logits(model, ids, mask, prompt_len, cache).argmax(-1) == ref)
@@ -120,7 +123,7 @@ def agreement_records():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     device = torch.device(args.device)

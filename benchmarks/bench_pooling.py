@@ -1,7 +1,7 @@
 """Projector pooling benchmark: PLLaVA's original order vs the fused fast path.
 
-    python benchmarks/bench_pooling.py --device cuda      # bf16, Triton kernels
-    python benchmarks/bench_pooling.py                    # CPU: fp32, the torch path
+    python -m benchmarks.bench_pooling --device cuda      # bf16, Triton kernels
+    python -m benchmarks.bench_pooling                    # CPU: fp32, the torch path
 
 Records (baseline and ours timed in the same run, results/pooling-<device>.json):
   projector  linear_1 -> GELU -> linear_2 on all B*T*H*W tokens -> AdaptiveAvgPool3d (original)
@@ -13,17 +13,16 @@ Records (baseline and ours timed in the same run, results/pooling-<device>.json)
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import compare, write_results  # noqa: E402
 
-from pllava_fast import ops  # noqa: E402
-from pllava_fast.kernels.pooling import pool_visual_tokens_ref  # noqa: E402
+from pllava_fast import ops
+from pllava_fast.kernels.pooling import pool_visual_tokens_ref
+
+from .harness import compare, default_device, write_results
 
 # PLLaVA-7B: 16 frames of 24x24 CLIP-L/336 tokens, 1024 -> 4096, pooled to 16x12x12
 FRAMES, FRAME_SHAPE, POOLING_SHAPE, D_VISION, D_LLM = 16, (24, 24), (16, 12, 12), 1024, 4096
@@ -100,7 +99,7 @@ def run(device="cpu", dtype=None, videos=1, warmup=2, repeats=10):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     parser.add_argument("--videos", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=None)

@@ -7,7 +7,7 @@
 
 Both sides produce the same pixels (tests/test_preprocess.py). Run:
 
-    python benchmarks/bench_preprocess.py [--device cpu|cuda] [--frames 16] [--repeats 10]
+    python -m benchmarks.bench_preprocess [--device cpu|cuda] [--frames 16] [--repeats 10]
 
 Writes benchmarks/results/frames_preprocess-<device>.json.
 """
@@ -25,10 +25,11 @@ from transformers.image_transforms import get_resize_output_image_size, resize
 from transformers.image_utils import ChannelDimension, PILImageResampling
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from harness import compare, write_results
 from pllava_fast import _ext
 from pllava_fast.preprocess import frames_to_pixel_values, pllava_geometry
 from pllava_fast.video import DecodedVideo
+
+from .harness import compare, write_results
 
 CLIP = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
 

@@ -4,11 +4,8 @@ Each suite benchmarks the baseline (original order / original preprocessing) and
 the same session, grouped so pytest-benchmark prints them side by side.
 """
 import os
-import sys
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-sys.path.insert(0, os.path.dirname(__file__))

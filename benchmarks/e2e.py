@@ -6,8 +6,8 @@ budget (estimate: KV cache + the visual stage's live activations per video, ours
 See ``pllava_fast.bench`` for what each side runs. Writes ``results/e2e-<device>.json`` and a bar
 chart ``results/e2e-<device>.png``.
 
-    python benchmarks/e2e.py                                # CPU, tiny model (16 frames)
-    python benchmarks/e2e.py --device cuda --shape 7b       # PLLaVA-7B shape, random weights
+    python -m benchmarks.e2e                                # CPU, tiny model (16 frames)
+    python -m benchmarks.e2e --device cuda --shape 7b       # PLLaVA-7B shape, random weights
 """
 from __future__ import annotations
 
@@ -18,11 +18,10 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import write_results  # noqa: E402
+from pllava_fast import comparison as bench
+from pllava_fast.testing import make_clip
 
-from pllava_fast import bench  # noqa: E402
-from pllava_fast.demo import make_clip  # noqa: E402
+from .harness import write_results
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "videos")
 
@@ -124,7 +123,7 @@ def main(argv=None):
         records.append(capacity_estimate_7b(args.budget_gb))
         print(f"PLLaVA-7B shape, analytic estimate: {records[-1]}")
     cfg = pipe.model.config
-    command = "python benchmarks/e2e.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.e2e " + " ".join(argv if argv is not None else sys.argv[1:])
     path = write_results(
         "e2e", records, device=args.device, dtype=pipe.dtype, command=command.strip(),
         model=args.model or args.shape, num_frames=cfg.num_frames,

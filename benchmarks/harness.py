@@ -1,4 +1,7 @@
-"""Results JSON for benchmarks: device, versions, commit, shapes, dtype, baseline vs ours, ratio.
+"""The one harness of the benchmarks package: timing (device-synchronised, interleaved repeats),
+results JSON (device, versions, commit, shapes, dtype, baseline vs ours, ratio) for the scripts
+(``python -m benchmarks.<name>``) and the same synchronised call for the pytest-benchmark suites
+(``pytest benchmarks --benchmark-only``).
 
 Every benchmark measures its baseline and pllava-fast in the same run and reports the ratio;
 kernels also report achieved GB/s or TFLOP/s against the device peak.
@@ -77,21 +80,44 @@ def environment(device="cpu") -> dict:
     }
 
 
-def _sync(device):
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync(device):
+    """Wait for the device's queued work (CUDA kernels run asynchronously)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def synced(fn: Callable, device) -> Callable:
+    """``fn`` followed by a device sync: what a pytest-benchmark round times."""
+    def call():
+        out = fn()
+        sync(device)
+        return out
+
+    return call
+
+
+def bench(benchmark, fn: Callable, *, device="cpu", rounds: int | None = None, warmup: int = 1):
+    """Time ``fn`` with pytest-benchmark (synchronised; ``rounds`` fixed for slow CPU cases)."""
+    call = synced(fn, device)
+    if rounds is None:
+        return benchmark(call)
+    return benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)
 
 
 def time_fn(fn: Callable, *, device="cpu", warmup: int = 2, repeats: int = 10) -> float:
     """Median wall time of ``fn()`` in seconds (CUDA-synchronised)."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

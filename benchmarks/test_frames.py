@@ -3,13 +3,14 @@
 
     pytest benchmarks/test_frames.py --benchmark-only --benchmark-group-by=group
 
-The full-size run (60 s 720p, results JSON) is ``python benchmarks/bench_frames.py``.
+The full-size run (60 s 720p, results JSON) is ``python -m benchmarks.bench_frames``.
 """
 import numpy as np
 import pytest
 
-from bench_frames import bench_clip, decode_every_frame
 from pllava_fast.video import read_video
+
+from .bench_frames import bench_clip, decode_every_frame
 
 SECONDS, SIZE, FRAMES = 10, (640, 360), 16
 

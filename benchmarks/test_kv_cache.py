@@ -8,16 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from pllava_fast import ops
-from pllava_fast.kv_cache import QuantizedKVLayer, bytes_per_token
+from pllava_fast.kv_spec import bytes_per_token
+from pllava_fast.quantized_cache import QuantizedKVLayer
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from .harness import bench, default_device
+
+DEVICE = default_device()
 BATCH, HEADS, HEAD_DIM = (8, 32, 128) if DEVICE == "cuda" else (1, 32, 128)
 CONTEXT = 2400
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module", params=[4, 8], ids=["int4", "int8"])
@@ -34,31 +32,19 @@ def setup(request):
 @pytest.mark.benchmark(group="decode-attention-ctx2400")
 def test_bf16_sdpa_baseline(benchmark, setup):
     q, k, v, _ = setup
-
-    def run():
-        out = F.scaled_dot_product_attention(q[:, :, None], k, v)
-        _sync()
-        return out
-
-    benchmark(run)
+    bench(benchmark, lambda: F.scaled_dot_product_attention(q[:, :, None], k, v), device=DEVICE)
 
 
 @pytest.mark.benchmark(group="decode-attention-ctx2400")
 def test_quantized_decode_attention(benchmark, setup):
     q, k, v, inputs = setup
-
-    def run():
-        out = ops.decode_attention(q, **inputs)
-        _sync()
-        return out
-
-    out = benchmark(run)
+    out = bench(benchmark, lambda: ops.decode_attention(q, **inputs), device=DEVICE)
     ref = F.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float())[:, :, 0]
     sqnr = 10 * torch.log10(ref.pow(2).sum() / (out.float() - ref).pow(2).sum())
     assert sqnr > (15 if inputs["bits"] == 4 else 30)
 
 
 def test_memory_ratios_at_7b_shape():
-    bf16 = bytes_per_token("bf16", 32, 32, 128)
+    bf16 = bytes_per_token("model-dtype", 32, 32, 128)
     assert bytes_per_token("int4", 32, 32, 128, group_size=128) / bf16 <= 0.30
     assert bytes_per_token("int8", 32, 32, 128, group_size=128) / bf16 <= 0.55

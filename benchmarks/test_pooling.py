@@ -6,30 +6,22 @@ alone (GELU + AdaptiveAvgPool3d + rearranges vs ``pool_visual_tokens``), at PLLa
 import pytest
 import torch
 
-from bench_pooling import (FRAMES, FRAME_SHAPE, POOLING_SHAPE, default_dtype, make_projector,
-                           projector_fast, projector_original)
 from pllava_fast import ops
 from pllava_fast.kernels.pooling import pool_visual_tokens_ref
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from .bench_pooling import (FRAMES, FRAME_SHAPE, POOLING_SHAPE, default_dtype, make_projector,
+                            projector_fast, projector_original)
+from .harness import bench, default_device
+
+DEVICE = default_device()
 DTYPE = default_dtype(DEVICE)
 # the CPU runs are seconds each: a few rounds; GPU runs are milliseconds
 ROUNDS = 20 if DEVICE == "cuda" else 2
 
 
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 def _run(benchmark, fn):
-    def call():
-        out = fn()
-        _sync()
-        return out
-
     with torch.no_grad():
-        return benchmark.pedantic(call, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+        return bench(benchmark, fn, device=DEVICE, rounds=ROUNDS)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ Cases and baselines as in bench_preprocess.py (which writes the results JSON).
 import pytest
 import torch
 
-from bench_preprocess import make_cases
+from .bench_preprocess import make_cases
+from .harness import bench
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -24,11 +25,4 @@ def test_frames_preprocess(benchmark, cases, start, impl):
     base, ours, _ = all_cases[start]
     fn = base if impl == "baseline" else ours
     benchmark.group = f"frames_preprocess-{start}-{device}"
-    if device == "cuda" and impl == "ours":
-        def fn_sync():
-            out = ours()
-            torch.cuda.synchronize()
-            return out
-        benchmark(fn_sync)
-    else:
-        benchmark(fn)
+    bench(benchmark, fn, device=device)

@@ -292,3 +292,63 @@ def decode_attention_ref(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     if kv_mask is not None:
         out = torch.where(kv_mask.any(-1)[:, None, None], out, torch.zeros_like(out))
     return out.to(q.dtype)
+
+
+_SPLIT_POINTERS = ["q_ptr", "kc_ptr", "ks_ptr", "kz_ptr", "vc_ptr", "vs_ptr", "vz_ptr", "kw_ptr",
+                   "vw_ptr", "mask_ptr", "o_ptr", "m_ptr", "l_ptr"]
+_SPLIT_INTS = ["TQ", "TW", "CHUNK", "sq_b", "sq_h", "skc_b", "skc_h", "skc_t", "sks_b", "sks_h",
+               "sks_t", "svc_b", "svc_h", "svc_t", "svs_b", "svs_h", "svs_t", "skw_b", "skw_h",
+               "skw_t", "svw_b", "svw_h", "svw_t", "smask_b", "NUM_SPLITS"]
+# act, head dim, GQA group, bits, key_block, group, mask, splits: GQA 1 / 7 (Yi-34B 56:8) / 8,
+# head dims 64 / 80 / 128, int4 / int8 / unquantized codes, token-group or per-channel keys
+_SPLIT_CASES = [
+    ("bf16", 128, 7, 4, 0, 128, True, 33), ("bf16", 128, 7, 8, 32, 64, False, 1),
+    ("bf16", 128, 1, 4, 32, 64, True, 64), ("bf16", 128, 8, 16, 0, 64, True, 2),
+    ("fp16", 80, 7, 4, 0, 64, False, 4), ("fp16", 80, 4, 8, 16, 32, True, 4),
+    ("bf16", 64, 1, 8, 0, 64, False, 4), ("fp16", 64, 8, 4, 32, 64, True, 4),
+    ("fp32", 80, 7, 4, 0, 64, False, 2), ("fp32", 128, 1, 16, 0, 64, False, 2),
+]
+
+
+def aot_specs():
+    """The launches to compile ahead of time (``aot.py``): the split kernel as the JIT
+    specialises a launch (batch 2, 8 KV heads, capacity 4096, window 100: a 1 becomes a
+    constant, a multiple of 16 gets the divisibility hint), code and window tiles loaded as
+    whole rows (16-byte loads), and the reduction."""
+    from .aot import AotSpec, aligned
+
+    specs = []
+    for act, d, r, bits, kb, g, has_mask, splits in _SPLIT_CASES:
+        block_r, block_t, half = _split_blocks(d, r, act == "fp32")
+        ktg, kdg = (kb, 1) if kb else (1, g)
+        c = dict(HKV=8, R=r, D=d, BITS=bits, KTG=ktg, KDG=kdg, VDG=g, HAS_MASK=has_mask,
+                 BLOCK_R=block_r, BLOCK_T=block_t, HALF=half, IEEE=act == "fp32")
+        cd = "u8" if bits != 16 else act
+        types = [act, cd, "fp32", "fp32", cd, "fp32", "fp32", act, act,
+                 "u8" if has_mask else act, "fp32", "fp32", "fp32"]
+        sig = {n: "*" + t for n, t in zip(_SPLIT_POINTERS, types)}
+        sig["qk_scale"] = "fp32"
+        dc, ng = (d // 2 if bits == 4 else d), triton.cdiv(d, g)
+        st = d if kb else ng
+        vals = dict(TQ=1024, TW=100, CHUNK=256, sq_b=8 * r * d, sq_h=d, skc_b=8 * 4096 * dc,
+                    skc_h=4096 * dc, skc_t=dc, sks_b=8 * 4096 * st, sks_h=4096 * st, sks_t=st,
+                    svc_b=8 * 4096 * dc, svc_h=4096 * dc, svc_t=dc, svs_b=8 * 4096 * ng,
+                    svs_h=4096 * ng, svs_t=ng, skw_b=800 * d, skw_h=100 * d, skw_t=d,
+                    svw_b=800 * d, svw_h=100 * d, svw_t=d, smask_b=1124, NUM_SPLITS=splits)
+        attrs = aligned(*range(len(_SPLIT_POINTERS)))
+        for i, n in enumerate(_SPLIT_INTS, start=len(_SPLIT_POINTERS) + 1):
+            if vals[n] == 1:
+                sig[n], c[n] = "constexpr", 1
+            else:
+                sig[n] = "i32"
+                if vals[n] % 16 == 0:
+                    attrs.update(aligned(i))
+        sig.update({n: "constexpr" for n in c if n not in _SPLIT_INTS})
+        specs.append(AotSpec(f"decode split {act} d{d} r{r} bits{bits} kb{kb}",
+                             _decode_split_kernel, sig, c, attrs, loads="vec16"))
+    for s, d, out in ((2, 128, "bf16"), (34, 80, "fp16"), (65, 64, "fp32")):
+        c = dict(D=d, BLOCK_S=triton.next_power_of_2(s), BLOCK_D=triton.next_power_of_2(d))
+        sig = {"o_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": "*" + out,
+               "S": "i32", **{n: "constexpr" for n in c}}
+        specs.append(AotSpec(f"reduce splits {s} d{d} {out}", _reduce_splits_kernel, sig, c))
+    return specs

@@ -154,3 +154,31 @@ def _quantize_channels(x: Tensor, bits: int, block: int):
             x, codes, scale, zero, D=d, BLOCK=block, BITS=bits,
             BLOCK_HALF=triton.next_power_of_2(d // 2))
     return codes, scale, zero
+
+
+def aot_specs():
+    """The launches to compile ahead of time (``aot.py``): quantize-on-append in the model
+    dtypes (fp32 for the exactness paths) over head dims, groups and bit widths, rows loaded
+    whole (16-byte loads) and split even / odd in registers."""
+    import itertools
+
+    from .aot import AotSpec, aligned
+
+    specs, seen = [], set()
+    for act, d, g, bits in itertools.product(("bf16", "fp32"), (64, 80, 128), (32, 128), (4, 8)):
+        block_n, block_ng = _group_blocks(d, g)
+        c = dict(D=d, G=g, NG=triton.cdiv(d, g), BITS=bits, BLOCK_N=block_n, BLOCK_NG=block_ng)
+        if (act, *c.values()) in seen or (act == "fp32" and d != 80):
+            continue
+        seen.add((act, *c.values()))
+        sig = {"x_ptr": "*" + act, "codes_ptr": "*u8", "scale_ptr": "*fp32", "zero_ptr": "*fp32",
+               "N": "i32", **{n: "constexpr" for n in c}}
+        specs.append(AotSpec(f"quantize groups {act} {c}", _quantize_groups_kernel, sig, c,
+                             aligned(0, 1, 2, 3), loads="vec16"))
+    for d, block, bits in ((64, 32, 4), (80, 32, 8), (128, 16, 4), (128, 128, 8)):
+        c = dict(D=d, BLOCK=block, BITS=bits, BLOCK_HALF=triton.next_power_of_2(d // 2))
+        sig = {"x_ptr": "*fp16", "codes_ptr": "*u8", "scale_ptr": "*fp32", "zero_ptr": "*fp32",
+               **{n: "constexpr" for n in c}}
+        specs.append(AotSpec(f"quantize channels {c}", _quantize_channels_kernel, sig, c,
+                             aligned(0, 1, 2, 3), loads="vec16"))
+    return specs

@@ -129,3 +129,20 @@ def norm_row_stats_ref(norms: torch.Tensor, threshold: torch.Tensor):
     maxv, argmax = norms.max(dim=1)
     count = (norms > threshold.reshape(-1, 1)).sum(dim=1)
     return norms.mean(dim=1), maxv, argmax, count
+
+
+def aot_specs():
+    """The launches to compile ahead of time (``aot.py``): every autotune candidate of the norms
+    kernel, the interpreter's block choice, and the row-summary kernel."""
+    from .aot import AotSpec, aligned
+
+    sig = {"x_ptr": "*fp16", "out_ptr": "*fp32", "R": "i32", "L": "i32", "C": "i32",
+           "stride_n": "i64", "stride_l": "i64", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
+    specs = [AotSpec(f"norms config {cfg.kwargs}", _token_norms_kernel, sig, dict(cfg.kwargs),
+                     aligned(0, 1, 4, 5, 6), cfg.num_warps)
+             for cfg in _token_norms_kernel_tuned.configs]
+    specs.append(AotSpec("norms fixed", _token_norms_kernel, sig, {"BLOCK_R": 4, "BLOCK_C": 512}))
+    row = {n: "*fp32" for n in ("norms_ptr", "thr_ptr", "mean_ptr", "max_ptr")}
+    row.update(argmax_ptr="*i64", count_ptr="*i64", L="i32", stride_n="i64", BLOCK_L="constexpr")
+    specs.append(AotSpec("row stats", _norm_row_stats_kernel, row, {"BLOCK_L": 1024}))
+    return specs

@@ -208,3 +208,27 @@ def pool_visual_tokens_ref(
     pooled = torch.nn.AdaptiveAvgPool3d(tuple(pooling_shape))(video)
     return pooled.permute(0, 2, 3, 4, 1).reshape(b, -1, c)
 
+
+
+def aot_specs():
+    """The launches to compile ahead of time (``aot.py``): every autotune candidate, and the
+    unrolled / looped window paths with the loads they must compile to."""
+    from .aot import AotSpec, aligned
+
+    ints = ["M", "n_tokens", "T", "H", "W", "C", "PT", "PH", "PW"]
+    consts = ["KT", "KH", "KW", "UNROLL", "ACT", "NORMS", "BLOCK_M", "BLOCK_C"]
+    sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "scratch_ptr": "*fp32",
+           **{n: "i32" for n in ints}, **{n: "constexpr" for n in consts}}
+    # what the JIT infers at launch for 16-aligned pointers and C % 16 == 0
+    attrs = aligned(0, 1, 2, 4, 8)
+    specs = [AotSpec(f"pool config {cfg.kwargs}", _pool_visual_tokens_kernel, sig,
+                     dict(zip(consts, (1, 2, 2, True, 0, True, cfg.kwargs["BLOCK_M"],
+                                       cfg.kwargs["BLOCK_C"]))), attrs, cfg.num_warps)
+             for cfg in _cuda_configs()]
+    # a small window unrolls: its loads are whole 16-byte rows; a large one loops
+    specs.append(AotSpec("pool unrolled", _pool_visual_tokens_kernel, sig,
+                         dict(zip(consts, (1, 2, 2, True, 0, True, 2, 1024))), attrs,
+                         loads="only_vec16"))
+    specs.append(AotSpec("pool looped", _pool_visual_tokens_kernel, sig,
+                         dict(zip(consts, (4, 5, 4, False, 0, False, 2, 1024))), attrs))
+    return specs

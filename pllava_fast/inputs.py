@@ -20,7 +20,8 @@ def list_inputs(spec: str) -> list[dict]:
     if os.path.isdir(spec):
         found = []
         for root, _, files in os.walk(spec):
-            found += [os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in MEDIA_EXTENSIONS]
+            found += [os.path.join(root, f) for f in files
+                      if os.path.splitext(f)[1].lower() in MEDIA_EXTENSIONS]
         return [{"video": p} for p in sorted(found)]
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"--input not found: {spec} (expected a folder or a list file)")
@@ -79,8 +80,9 @@ def dist_env() -> tuple[int, int]:
 
 
 def _is_single_video(obj) -> bool:
-    return (isinstance(obj, (str, os.PathLike)) or hasattr(obj, "shape") or hasattr(obj, "num_frames_total")
-            or hasattr(obj, "__array_interface__") or not isinstance(obj, Iterable))
+    return (isinstance(obj, (str, os.PathLike)) or hasattr(obj, "shape")
+            or hasattr(obj, "num_frames_total") or hasattr(obj, "__array_interface__")
+            or not isinstance(obj, Iterable))
 
 
 def expand_sources(videos) -> list:
@@ -103,8 +105,8 @@ def expand_sources(videos) -> list:
             elif any(f.suffix.lower() in IMAGE_EXTENSIONS for f in files):
                 out.append(p)
             else:
-                raise ValueError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) or image frames "
-                                 f"in folder {p}")
+                raise ValueError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) or "
+                                 f"image frames in folder {p}")
         elif not p.exists():
             raise FileNotFoundError(f"video not found: {p}")
         else:

@@ -32,6 +32,8 @@ from .kv_cache import make_cache
 from .kv_spec import KVCacheSpec
 from .loading import (check_device_map, dispatch_model, fast_init, load_into, merge_lora,
                       read_state_dict, save_checkpoint)
+from .merge import (merge_visual_tokens, repeat_videos_per_row, split_frames,
+                    video_layout)
 from .projector import PllavaProjector, repeat_short_clips
 
 _VISION_ATTN = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
@@ -220,20 +222,8 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return h[:, 1:]
 
     def split_frames(self, n_frames: int, frames_per_video: Sequence[int] | None) -> list[int]:
-        """Frames of each video; default: videos of ``num_frames`` (or one shorter clip)."""
-        t = self.config.num_frames
-        if frames_per_video is None:
-            if n_frames % t == 0:
-                return [t] * (n_frames // t)
-            if n_frames < t:
-                return [n_frames]
-            raise ValueError(
-                f"{n_frames} frames is not a multiple of num_frames={t}: pass frames_per_video")
-        counts = [int(n) for n in frames_per_video]
-        if any(n <= 0 for n in counts) or sum(counts) != n_frames:
-            raise ValueError(f"frames_per_video {counts} must be positive and sum to the "
-                             f"{n_frames} frames of pixel_values")
-        return counts
+        """Frames of each video (see ``merge.split_frames``)."""
+        return split_frames(n_frames, frames_per_video, self.config.num_frames)
 
     def prepare_video_frames(self, features: Tensor,
                              frames_per_video: Sequence[int] | None = None) -> Tensor:
@@ -256,42 +246,10 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def merge_visual_tokens(self, input_ids: Tensor, attention_mask: Tensor | None,
                             video_embeds: Tensor):
-        """Expand each image token in place into its video's tokens.
-
-        input_ids (B, L) with one image token per video (row-major video order), video_embeds
-        (n_videos, V, D). Returns inputs_embeds (B, L', D), attention_mask (B, L'), position_ids
-        (B, L'): rows are aligned right when left-padded (PLLaVA's rule), left otherwise.
-        """
-        image = input_ids == self.config.image_token_index
-        n_videos, n_vis, _ = video_embeds.shape
-        if int(image.sum()) != n_videos:
-            raise ValueError(f"input_ids hold {int(image.sum())} image tokens "
-                             f"(id {self.config.image_token_index}) but {n_videos} videos were given")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        text_embeds = self.embed_text(input_ids)
-        bsz, seq = input_ids.shape
-        # last slot of each source token in its expanded row
-        end = torch.cumsum(image.long() * (n_vis - 1) + 1, dim=-1) - 1
-        row_len = end[:, -1] + 1
-        total = int(row_len.max())
-        left_padding = not bool((attention_mask[:, -1] == 0).any())
-        if left_padding:
-            end = end + (total - row_len)[:, None]
-        start = end - image.long() * (n_vis - 1)
-
-        embeds = text_embeds.new_zeros(bsz, total, text_embeds.shape[-1])
-        mask = attention_mask.new_zeros(bsz, total)
-        rows = torch.arange(bsz, device=input_ids.device)[:, None].expand(bsz, seq)
-        text = ~image
-        embeds[rows[text], start[text]] = text_embeds[text]
-        mask[rows[text], start[text]] = attention_mask[text]
-        slots = start[image][:, None] + torch.arange(n_vis, device=input_ids.device)
-        img_rows = rows[image][:, None].expand_as(slots)
-        embeds[img_rows, slots] = video_embeds.to(embeds.dtype)
-        mask[img_rows, slots] = 1
-        position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        return embeds, mask, position_ids
+        """Expand each image token in place into its video's tokens (see
+        ``merge.merge_visual_tokens``): (inputs_embeds, attention_mask, position_ids)."""
+        return merge_visual_tokens(input_ids, attention_mask, video_embeds, self.embed_text(input_ids),
+                                   self.config.image_token_index)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -339,7 +297,7 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
             if attention_mask is not None:
                 attention_mask = attention_mask.to(device)
             if pixel_values is not None:
-                pixel_values, frames_per_video = self._video_layout(
+                pixel_values, frames_per_video = video_layout(
                     pixel_values, frames_per_video, media_type)
                 video_embeds = self.get_video_features(pixel_values, frames_per_video)
                 inputs_embeds, attention_mask, position_ids = self.merge_visual_tokens(
@@ -364,18 +322,6 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
             use_cache=use_cache, logits_to_keep=logits_to_keep, **lm_kwargs)
         return PllavaCausalLMOutput(**dict(out.items()), attention_mask=merged_mask)
 
-    @staticmethod
-    def _video_layout(pixel_values: Tensor, frames_per_video, media_type):
-        if media_type not in (None, "video", "image"):
-            raise ValueError(f"media_type must be 'video' or 'image', got {media_type!r}")
-        if pixel_values.dim() == 5:
-            b, t = pixel_values.shape[:2]
-            pixel_values = pixel_values.flatten(0, 1)
-            frames_per_video = frames_per_video or [t] * b
-        if media_type == "image" and frames_per_video is None:
-            frames_per_video = [1] * pixel_values.shape[0]
-        return pixel_values, frames_per_video
-
     # ------------------------------------------------------------------ generate hooks
     def prepare_inputs_for_generation(self, *args, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
@@ -398,22 +344,9 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         pixel_values = model_kwargs.pop("pixel_values", None)
         frames_per_video = model_kwargs.pop("frames_per_video", None)
         if expand_size > 1 and pixel_values is not None and input_ids is not None:
-            pixel_values, frames_per_video = self._video_layout(
-                pixel_values, frames_per_video, model_kwargs.get("media_type"))
-            counts = self.split_frames(pixel_values.shape[0], frames_per_video)
-            videos = list(torch.split(pixel_values, counts))
-            per_row = (input_ids == self.config.image_token_index).sum(-1).tolist()
-            if sum(per_row) != len(videos):
-                raise ValueError(f"input_ids hold {sum(per_row)} image tokens but pixel_values has "
-                                 f"{len(videos)} videos")
-            new_videos, new_counts, k = [], [], 0
-            for n in per_row:
-                row = videos[k:k + n]
-                k += n
-                for _ in range(expand_size):
-                    new_videos += row
-                    new_counts += [v.shape[0] for v in row]
-            pixel_values, frames_per_video = torch.cat(new_videos), new_counts
+            pixel_values, frames_per_video = repeat_videos_per_row(
+                pixel_values, frames_per_video, model_kwargs.get("media_type"), input_ids,
+                expand_size, self.config.image_token_index, self.config.num_frames)
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids,
             **model_kwargs)

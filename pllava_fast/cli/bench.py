@@ -16,9 +16,9 @@ import time
 from .. import preflight
 from ..kv_spec import CACHE_KINDS
 from ..shapes import SHAPES
-from .common import (UsageError, add_device_arguments, add_kv_cache_arguments,
-                     add_max_new_tokens_argument, add_model_argument, add_num_frames_argument,
-                     check_fit, device_of, kv_cache_spec, positive)
+from .common import (UsageError, add_max_new_tokens_argument, add_model_argument,
+                     add_num_frames_argument, add_runtime_arguments, check_fit, device_of,
+                     kv_cache_spec, positive)
 
 
 def configure_parser(parser: argparse.ArgumentParser):
@@ -37,9 +37,7 @@ def configure_parser(parser: argparse.ArgumentParser):
                         help="memory budget of the videos-per-batch estimate (default 80)")
     parser.add_argument("--capacity-kv", default="int4", choices=CACHE_KINDS,
                         help="KV format of the videos-per-batch estimate for pllava-fast")
-    add_kv_cache_arguments(parser)
-    add_device_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_runtime_arguments(parser, "print the result as JSON")
 
 
 def check(args) -> None:
@@ -58,9 +56,10 @@ def check(args) -> None:
     info = preflight.checkpoint(args.model) if args.model is not None else None
     args.device = device_of(args)
     if info is not None and args.video:
-        check_fit(info, headers=[preflight.video_header(v) for v in args.video], num_frames=args.num_frames, pooling=None,
-                  prompt="Describe the video in detail.", max_new_tokens=args.max_new_tokens,
-                  batch_size=len(args.video), device=args.device, dtype=args.dtype)
+        check_fit(info, headers=[preflight.video_header(v) for v in args.video],
+                  num_frames=args.num_frames, pooling=None, prompt="Describe the video in detail.",
+                  max_new_tokens=args.max_new_tokens, batch_size=len(args.video),
+                  device=args.device, dtype=args.dtype)
 
 
 def run(args) -> int:

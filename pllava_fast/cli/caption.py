@@ -109,9 +109,9 @@ def check(args) -> None:
                 raise UsageError(f"video not found: {item['video']}")
     args.items = items
     args.device = device_of(args, int(os.environ.get("LOCAL_RANK", args.rank)))
-    check_fit(info, headers=_readable_headers(items[:8]), num_frames=args.num_frames, pooling=args.pooling_shape, prompt=args.prompt,
-              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-              device=args.device, dtype=args.dtype)
+    check_fit(info, headers=_readable_headers(items[:8]), num_frames=args.num_frames,
+              pooling=args.pooling_shape, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+              batch_size=args.batch_size, device=args.device, dtype=args.dtype)
 
 
 def _readable_headers(items):

@@ -46,8 +46,8 @@ def check(args) -> None:
     info = preflight.checkpoint(args.model)
     preflight.video_header(args.video)
     args.device = device_of(args)
-    check_fit(info, headers=[preflight.video_header(args.video)], num_frames=args.num_frames, pooling=None,
-              prompt=first_turn, max_new_tokens=args.max_new_tokens, batch_size=1,
+    check_fit(info, headers=[preflight.video_header(args.video)], num_frames=args.num_frames,
+              pooling=None, prompt=first_turn, max_new_tokens=args.max_new_tokens, batch_size=1,
               device=args.device, dtype=args.dtype, what="the conversation")
 
 

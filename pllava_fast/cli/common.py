@@ -102,6 +102,14 @@ def add_device_arguments(parser) -> None:
                         help="auto (bf16 on CUDA, fp32 on CPU) | checkpoint | bf16 | fp16 | fp32")
 
 
+def add_runtime_arguments(parser, json_help: str) -> None:
+    """What every model-running command takes last: the KV-cache flags, --device / --dtype and
+    --json."""
+    add_kv_cache_arguments(parser)
+    add_device_arguments(parser)
+    parser.add_argument("--json", action="store_true", help=json_help)
+
+
 def add_num_frames_argument(parser) -> None:
     parser.add_argument("--num-frames", type=int, default=None, metavar="N",
                         help="frames sampled per video (default: the model's num_frames)")
@@ -206,7 +214,8 @@ def check_fit(info, *, headers, num_frames, pooling, prompt, max_new_tokens, bat
     if headers:
         largest = max(headers, key=lambda h: h.width * h.height)
         on_host = not str(device).startswith("cuda")
-        elem = 4 if dtype in ("fp32", "float32", "float") or (dtype in ("auto", "checkpoint") and on_host) else 2
+        full = dtype in ("fp32", "float32", "float") or (dtype in ("auto", "checkpoint") and on_host)
+        elem = 4 if full else 2
         need = preflight.visual_bytes([largest] * batch_size, num_frames or info.num_frames,
                                       info, elem, on_host)
         preflight.check_memory(need, f"{batch_size} video(s) of {largest.width}x{largest.height} "

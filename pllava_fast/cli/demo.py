@@ -14,9 +14,8 @@ import os
 import tempfile
 
 from .. import preflight
-from .common import (add_device_arguments, add_kv_cache_arguments, add_max_new_tokens_argument,
-                     add_model_argument, add_num_frames_argument, check_fit, device_of,
-                     kv_cache_spec, positive)
+from .common import (add_max_new_tokens_argument, add_model_argument, add_num_frames_argument,
+                     add_runtime_arguments, check_fit, device_of, kv_cache_spec, positive)
 
 DEFAULT_QUESTION = "What is happening in this video?"
 
@@ -28,9 +27,7 @@ def configure_parser(parser: argparse.ArgumentParser):
     parser.add_argument("--question", default=DEFAULT_QUESTION)
     add_num_frames_argument(parser)
     add_max_new_tokens_argument(parser, 24)
-    add_kv_cache_arguments(parser)
-    add_device_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_runtime_arguments(parser, "print one JSON object instead of text")
 
 
 def check(args) -> None:
@@ -43,9 +40,10 @@ def check(args) -> None:
         preflight.video_header(args.video)
     args.device = device_of(args)
     if info is not None:
-        check_fit(info, headers=[preflight.video_header(args.video)] if args.video else [], num_frames=args.num_frames,
-                  pooling=None, prompt=args.question, max_new_tokens=args.max_new_tokens,
-                  batch_size=1, device=args.device, dtype=args.dtype, what="--question")
+        headers = [preflight.video_header(args.video)] if args.video else []
+        check_fit(info, headers=headers, num_frames=args.num_frames, pooling=None,
+                  prompt=args.question, max_new_tokens=args.max_new_tokens, batch_size=1,
+                  device=args.device, dtype=args.dtype, what="--question")
 
 
 def run(args) -> int:

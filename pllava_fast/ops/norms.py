@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .pooling import TRITON_DTYPES
+from ._common import TRITON_DTYPES, check_tokens
 
 
 class TokenNormStats(NamedTuple):
@@ -54,18 +54,9 @@ def token_norm_stats(x: Tensor, threshold: float | Tensor = 0.0) -> TokenNormSta
     return norm_stats(token_norms(x), threshold)
 
 
-def _check_tokens(x) -> None:
-    if not isinstance(x, Tensor):
-        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"x must have shape (N, L, C), got rank {x.dim()} shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"x must be floating point, got dtype {x.dtype}")
-
-
 def token_norms(x: Tensor) -> Tensor:
     """Per-token L2 norms. x: (N, L, C) floating -> (N, L) fp32 (fp32 accumulation)."""
-    _check_tokens(x)
+    check_tokens(x, "(N, L, C)")
     # the kernel takes any N/L strides (e.g. hidden_states[:, 1:]); only C must be contiguous
     return _token_norms_op(x if x.stride(-1) == 1 else x.contiguous())
 

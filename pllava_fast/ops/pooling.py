@@ -12,9 +12,8 @@ from torch import Tensor
 
 from ..checks import int_tuple, positive_int
 from ..kernels.adaptive import ACTIVATIONS, apply_activation, pool_windows, pooling_matrix
+from ._common import TRITON_DTYPES, check_tokens
 
-# dtypes the Triton kernels take (fp32 accumulation); others (fp64) stay on the torch path
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def pool_visual_tokens(
@@ -40,12 +39,7 @@ def pool_visual_tokens(
         norms (B*T, H*W) fp32. CUDA runs the fused Triton kernel (fp32 accumulation); CPU runs
         torch. When x requires grad (training) the differentiable torch path is used.
     """
-    if not isinstance(x, Tensor):
-        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"x must have shape (B*T, H*W, C), got rank {x.dim()} shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"x must be floating point, got dtype {x.dtype}")
+    check_tokens(x, "(B*T, H*W, C)")
     if x.numel() == 0:
         raise ValueError(f"x is empty, shape {tuple(x.shape)}")
     num_frames = positive_int("num_frames", num_frames)
