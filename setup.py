@@ -90,16 +90,23 @@ setup(
         "matplotlib",
     ],
     extras_require={
+        # the Triton kernels (CUDA torch wheels bring a matching triton themselves)
         "triton": ["triton>=3.0"],
         "flash": ["flash-attn>=2.6"],
+        # the original PLLaVA's decoder: the baseline of the benchmarks and a test oracle
+        "bench": ["decord==0.6.0", "pytest-benchmark"],
+        # weight-only int8 / int4 LLM (--weights)
+        "quant": ["torchao>=0.18,<0.19"],
         "test": [
-            "triton>=3.0",
+            "triton==3.7.1",  # what the tests and CPU benchmarks ran with (3.9 is what >=3.0 finds)
             "pytest",
             "pytest-xdist",
             "pytest-benchmark",
             "hypothesis",
             "ninja",
             "accelerate",
+            "decord==0.6.0",
+            "torchao>=0.18,<0.19",
         ],
     },
     entry_points={"console_scripts": ["pllava-fast=pllava_fast.cli:main"]},

@@ -28,7 +28,7 @@ _EXPORTS = {
 }
 _SUBMODULES = {
     "attention", "chat", "checks", "cli", "compat", "comparison", "config", "config_json",
-    "conversation", "dataset", "devices", "inputs", "kernels", "kv_cache", "kv_spec", "loading", "merge",
+    "conversation", "dataset", "devices", "inputs", "jsonio", "kernels", "kv_cache", "kv_spec", "loading", "merge",
     "model", "ops", "original", "patching", "pipeline", "preflight", "preprocess", "profile",
     "projector", "quantized_cache", "shapes", "testing", "timing", "video",
 }

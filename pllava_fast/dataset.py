@@ -10,6 +10,7 @@ error row ``{"video": ..., "ok": false, "error": ...}`` and the run goes on.
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import os
@@ -18,6 +19,7 @@ from typing import Iterator
 import torch
 import torch.utils.data
 
+from . import jsonio
 from .preprocess import frames_to_pixel_values
 from .video.read import read_video
 
@@ -55,27 +57,41 @@ def done_rows(output: str) -> dict[str, dict]:
     return done
 
 
+class OutputLocked(RuntimeError):
+    """Another process holds the part file: two runs must not caption into the same output."""
+
+
 class RowWriter:
     """Appends rows to one JSONL file, one flushed line each (durable against a killed process).
 
-    Opening truncates a torn last line left by a previous crash, so appended rows start on a
-    line of their own.
+    Opening takes an exclusive lock on the file (``OutputLocked`` at once when another run holds
+    it), then truncates a torn last line left by a previous crash, so appended rows start on a
+    line of their own. A failed write (a full disk) raises OSError naming the file; the rows
+    before it stay complete.
     """
 
     def __init__(self, path: str):
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if os.path.exists(path):
-            with open(path, "rb+") as f:
-                data = f.read()
-                keep = data.rfind(b"\n") + 1
-                if keep != len(data):
-                    f.truncate(keep)
         self.file = open(path, "a", encoding="utf-8")
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise OutputLocked(f"{path} is locked by another caption run on the same --output: "
+                               "wait for it to finish or choose another --output") from None
+        with open(path, "rb") as f:
+            data = f.read()
+        keep = data.rfind(b"\n") + 1
+        if keep != len(data):
+            os.ftruncate(self.file.fileno(), keep)
 
     def write(self, row: dict):
-        self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(jsonio.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as exc:
+            raise OSError(exc.errno, f"{self.path}: cannot write a row ({exc.strerror})") from None
 
     def close(self):
         if not self.file.closed:
@@ -95,7 +111,7 @@ def merge(output: str, items: list[dict]) -> tuple[int, int]:
             if row is None:
                 missing += 1
                 continue
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(jsonio.dumps(row) + "\n")
             rows += 1
         f.flush()
         os.fsync(f.fileno())

@@ -167,6 +167,17 @@ class VideoPipeline:
         return {"input_ids": enc["input_ids"].to(self.device),
                 "attention_mask": enc["attention_mask"].to(self.device)}
 
+    def _check_context(self, prompt_len: int, max_new_tokens: int) -> None:
+        """ValueError before any work when the prompt, its visual tokens and the new tokens do
+        not fit the LM's positions (one image token per row expands to the pooled tokens)."""
+        limit = getattr(self.model.config.text_config, "max_position_embeddings", None)
+        visual = self.model.multi_modal_projector.num_visual_tokens
+        total = prompt_len - 1 + visual + max_new_tokens
+        if limit is not None and total > limit:
+            raise ValueError(f"the prompt does not fit the model's context: {prompt_len - 1} "
+                             f"prompt + {visual} visual + {max_new_tokens} new tokens = {total} > "
+                             f"max_position_embeddings {limit}")
+
     def make_cache(self):
         """The KV cache for one ``generate`` call, or None for transformers' default."""
         if not self.kv_cache_spec.quantized:
@@ -207,6 +218,7 @@ class VideoPipeline:
         """Run ``model.generate`` on prepared inputs; returns answers, new token ids and timings."""
         timer = timer or StageTimer(self.device)
         batch, prompt_len = inputs["input_ids"].shape
+        self._check_context(prompt_len, max_new_tokens)
         kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False,
                   "pad_token_id": self.tokenizer.pad_token_id}
         kwargs.update(generate_kwargs)

@@ -99,11 +99,13 @@ def _as_rgb_batch(frames) -> Tensor:
     if isinstance(frames, np.ndarray):
         frames = torch.from_numpy(np.ascontiguousarray(frames))
     if isinstance(frames, Tensor):
-        if frames.dim() == 3:
+        # the message names the shape as given, before a single (H, W, 3) frame gets its T axis
+        given = tuple(frames.shape)
+        if frames.dim() == 3 and frames.shape[-1] == 3:
             frames = frames[None]
         if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
-            raise ValueError(f"RGB frames must be a (T, H, W, 3) uint8 tensor/array, got "
-                             f"shape {tuple(frames.shape)} dtype {frames.dtype}")
+            raise ValueError(f"RGB frames must be a (T, H, W, 3) or (H, W, 3) uint8 tensor/array, "
+                             f"got shape {given} dtype {frames.dtype}")
         return frames
     if isinstance(frames, (list, tuple)):
         if not frames:

@@ -18,7 +18,7 @@ LAYER_OF = {
     "pllava_fast.kernels": "kernels",
     "pllava_fast": "bottom",  # the package root: lazy re-exports and __version__ only
     "pllava_fast._ext": "bottom", "pllava_fast._C": "bottom", "pllava_fast.checks": "bottom",
-    "pllava_fast.compat": "bottom", "pllava_fast.devices": "bottom",
+    "pllava_fast.compat": "bottom", "pllava_fast.devices": "bottom", "pllava_fast.jsonio": "bottom",
     "pllava_fast.ops": "ops",
     "pllava_fast.config": "model", "pllava_fast.config_json": "model",
     "pllava_fast.loading": "model", "pllava_fast.projector": "model", "pllava_fast.model": "model",

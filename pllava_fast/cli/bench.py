@@ -8,12 +8,11 @@ pllava-fast: ``VideoPipeline``. Same weights, video and prompt, greedy, alternat
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 import time
 
-from .. import preflight
+from .. import jsonio, preflight
 from ..kv_spec import CACHE_KINDS
 from ..shapes import SHAPES
 from .common import (UsageError, add_max_new_tokens_argument, add_model_argument,
@@ -74,8 +73,7 @@ def run(args) -> int:
                          budget_gb=args.budget_gb, capacity_kv=args.capacity_kv)
         result["setup_s"] = time.perf_counter() - t0
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if not k.endswith("_runs")},
-                         default=str))
+        print(jsonio.dumps({k: v for k, v in result.items() if not k.endswith("_runs")}))
     else:
         print(f"device {args.device}, {pipe.dtype}, {len(videos)} video(s) x {pipe.num_frames} "
               f"frames, {args.max_new_tokens} new tokens, median of {args.repeats}")

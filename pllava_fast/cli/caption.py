@@ -18,11 +18,10 @@ arguments or inputs, found before the model loads; 3 the run itself failed; 130 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-from .. import preflight
+from .. import jsonio, preflight
 from ..inputs import dedupe, dist_env, list_inputs, shard
 from .common import (EXIT_OK, EXIT_SOME_FAILED, UsageError, add_device_arguments,
                      add_kv_cache_arguments, add_max_new_tokens_argument, add_model_argument,
@@ -169,7 +168,7 @@ def _run_direct(args, items) -> int:
 
     def write(row):
         if args.json:
-            print(json.dumps(row, ensure_ascii=False), flush=True)
+            print(jsonio.dumps(row), flush=True)
         elif row["ok"]:
             print(f"{row['video']}: {row['caption']}", flush=True)
         else:
@@ -183,7 +182,7 @@ def _run_direct(args, items) -> int:
 
 
 def _run_dataset(args, items, rank, world) -> int:
-    from ..dataset import RowWriter, caption_items, done_rows, merge, part_path
+    from ..dataset import OutputLocked, RowWriter, caption_items, done_rows, merge, part_path
 
     group = _init_group(world)
     try:
@@ -196,10 +195,13 @@ def _run_dataset(args, items, rank, world) -> int:
               f"{len(todo)} to caption", file=sys.stderr)
         errors = 0
         if todo:
-            pipe = load_pipeline(args, args.device)
-            writer = RowWriter(part_path(args.output, rank))
-            workers = 2 if args.workers is None else args.workers
+            try:  # the lock first: a second run on the same output stops before loading a model
+                writer = RowWriter(part_path(args.output, rank))
+            except OutputLocked as exc:
+                raise UsageError(str(exc)) from None
             try:
+                pipe = load_pipeline(args, args.device)
+                workers = 2 if args.workers is None else args.workers
                 with _progress(args, len(todo), f"caption rank {rank}") as bar:
                     errors = caption_items(pipe, todo, prompt=args.prompt,
                                            batch_size=args.batch_size, workers=workers,
@@ -223,7 +225,7 @@ def _run_dataset(args, items, rank, world) -> int:
                 print(f"rank {rank}: {len(missing)} inputs of other ranks not done yet; the "
                       "last rank to finish merges", file=sys.stderr)
         if args.json:
-            print(json.dumps({"rank": rank, "world_size": world, "inputs": len(mine),
+            print(jsonio.dumps({"rank": rank, "world_size": world, "inputs": len(mine),
                               "skipped": skipped, "captioned": len(todo) - errors,
                               "errors": errors, "output": args.output}))
         mine_failed = sum(1 for it in mine if not done.get(it["video"], {}).get("ok"))

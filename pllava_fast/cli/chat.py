@@ -9,10 +9,9 @@ the conversation over, ``/quit`` (or end of input) ends it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from .. import preflight
+from .. import jsonio, preflight
 from .common import (add_device_arguments, add_kv_cache_arguments, add_max_new_tokens_argument,
                      add_model_argument, add_num_frames_argument, check_fit, device_of,
                      finite_times, kv_cache_spec, one_line, positive)
@@ -90,7 +89,7 @@ def run(args) -> int:
             print(f"error: {one_line(exc)} (/reset starts over)", file=sys.stderr, flush=True)
             continue
         if args.json:
-            print(json.dumps({"turn": chat.turns, "question": question, "answer": answer}),
+            print(jsonio.dumps({"turn": chat.turns, "question": question, "answer": answer}),
                   flush=True)
         else:
             print(f"pllava> {answer}", flush=True)

@@ -9,11 +9,10 @@ model's knowledge.)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 
-from .. import preflight
+from .. import jsonio, preflight
 from .common import (add_max_new_tokens_argument, add_model_argument, add_num_frames_argument,
                      add_runtime_arguments, check_fit, device_of, kv_cache_spec, positive)
 
@@ -77,7 +76,7 @@ def _run(args) -> int:
         pipe.answer(video, args.question, max_new_tokens=2)  # warm-up: first-call allocations
         out = pipe([video], [args.question], max_new_tokens=args.max_new_tokens)
     if args.json:
-        print(json.dumps({"video": args.video or "generated clip", "question": args.question,
+        print(jsonio.dumps({"video": args.video or "generated clip", "question": args.question,
                           "answer": out.texts[0], "timings": out.timings}))
     else:
         print(f"video:    {args.video or 'generated clip (moving shapes)'}")

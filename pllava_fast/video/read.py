@@ -56,6 +56,9 @@ def read_video(source, num_frames: int = 16, *, start: float | None = None,
                 raise VideoDecodeError(f"{path}: is an image, a video is required")
             return _read_images([path], name, 1, None, None, None, rotate)
     elif isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "read"):
+        if isinstance(source, io.TextIOBase) or "b" not in getattr(source, "mode", "b"):
+            raise TypeError(f"read_video: {name} is a text-mode file; open it in binary mode "
+                            "(open(path, 'rb'))")
         if hasattr(source, "read") and not (hasattr(source, "seekable") and source.seekable()):
             source = source.read()  # a pipe or socket: demuxing and seeking need random access
         fp = source if hasattr(source, "read") else io.BytesIO(source)
