@@ -28,9 +28,9 @@ _EXPORTS = {
 }
 _SUBMODULES = {
     "attention", "chat", "checks", "cli", "compat", "comparison", "config", "config_json",
-    "conversation", "dataset", "devices", "inputs", "jsonio", "kernels", "kv_cache", "kv_spec", "loading", "merge",
+    "conversation", "dataset", "devices", "inputs", "jsonio", "kernels", "kv_cache", "kv_spec", "llm_decode", "loading", "merge",
     "model", "ops", "original", "patching", "pipeline", "preflight", "preprocess", "profile",
-    "projector", "quantized_cache", "shapes", "testing", "timing", "video",
+    "projector", "quantized_cache", "shapes", "static_cache", "testing", "timing", "video",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -115,8 +115,8 @@ def _quantized_forward(module, query, handle: QuantizedKV, attention_mask, dropo
                     f"quantized decode needs a boolean attention mask (sdpa_mask), got {attention_mask.dtype}")
             # batch-broadcast masks (size-1 batch dim) are expanded: the op wants (B, L)
             kv_mask = attention_mask[:, 0, -1, :].expand(query.shape[0], -1)
-        out = ops.decode_attention(query[:, :, 0], kv_mask=kv_mask, sm_scale=scaling,
-                                   **handle.decode_inputs())
+        out = ops.decode_attention(query[:, :, 0], sm_scale=scaling,
+                                   **handle.decode_inputs(kv_mask))
         return out[:, None], None
     key, value = handle.dequantize(query.dtype)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,

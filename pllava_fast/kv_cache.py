@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 
 from .compat import cache_kwarg_name
 from .kv_spec import DEFAULT_KIND, KVCacheSpec
 from .quantized_cache import QuantizedKVCache
+from .static_cache import StaticQuantizedCache
 
 
 def make_cache(kind, config=None, **opts) -> Cache:
@@ -21,6 +22,17 @@ def make_cache(kind, config=None, **opts) -> Cache:
         return DynamicCache(config=config)
     return QuantizedKVCache(config, bits=spec.bits, group_size=spec.group_size,
                             window=spec.window, block=spec.block, key_quant=spec.key_quant)
+
+
+def make_static_cache(kind, config, max_cache_len: int) -> Cache:
+    """A fixed-capacity cache of ``max_cache_len`` tokens per sequence for the compiled decode
+    loop (``llm_decode``): transformers' ``StaticCache`` for the model-dtype kind, else a
+    ``static_cache.StaticQuantizedCache`` (the quantized kinds' format in fixed buffers)."""
+    spec = KVCacheSpec.of(kind)
+    text = config.get_text_config(decoder=True)
+    if not spec.quantized:
+        return StaticCache(config=text, max_cache_len=max_cache_len)
+    return StaticQuantizedCache(text, max_cache_len, spec)
 
 
 @torch.no_grad()

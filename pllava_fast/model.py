@@ -30,6 +30,7 @@ from .config import PllavaConfig
 from .devices import resolve_dtype
 from .kv_cache import make_cache
 from .kv_spec import KVCacheSpec
+from .llm_decode import CompiledDecoder, check_greedy
 from .loading import (check_device_map, dispatch_model, fast_init, load_into, merge_lora,
                       read_state_dict, save_checkpoint)
 from .merge import (merge_visual_tokens, repeat_videos_per_row, split_frames,
@@ -77,8 +78,11 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self._layer_kwargs = (
             {"causal_attention_mask": None}
             if "causal_attention_mask" in inspect.signature(layers[0].forward).parameters else {})
-        # what generate() builds when it is given no cache (see KVCacheSpec)
+        # what generate() builds when it is given no cache (see KVCacheSpec), and whether it
+        # decodes greedily with a static cache and a compiled step (llm_decode)
         self.kv_cache_spec = KVCacheSpec()
+        self.compile_decode = False
+        self._decoder = None
         self.post_init()
 
     @property
@@ -91,7 +95,7 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def from_pretrained(cls, path, *, torch_dtype=None, dtype=None, attn_implementation: str = "sdpa",
                         lora_alpha: float = 4.0, device=None, device_map=None, max_memory=None,
                         kv_cache="model-dtype", kv_cache_options: dict | None = None,
-                        **config_overrides):
+                        compile: bool = False, **config_overrides):
         """Load a PLLaVA checkpoint directory (config.json + weights, see ``loading.py``).
 
         Args:
@@ -110,11 +114,19 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 "flash_attention_2" here).
             kv_cache_options: QuantizedKVCache options with a kind: ``window``, ``group_size``,
                 ``block``, ``key_quant``.
+            compile: greedy ``generate()`` calls prefill eagerly into a static cache of the
+                ``kv_cache`` kind and run each decode step compiled (``llm_decode``; CUDA graphs
+                on GPU); sampling and beam search then raise (they need compile=False).
             config_overrides: replace config fields (e.g. ``num_frames=4``, ``pooling_shape=...``).
         """
         # every argument is checked before the weights are read: a mistake fails in a moment,
         # not after a 34B load
         spec = KVCacheSpec.of(kv_cache, kv_cache_options)
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
+        if compile and spec.key_quant == "channel":
+            raise ValueError("compile=True needs a static cache, and key_quant='channel' is only "
+                             "in the dynamic one: use key_quant='token'")
         if device is not None and device_map is not None:
             raise ValueError("pass device or device_map, not both")
         if max_memory is not None and device_map is None:
@@ -149,15 +161,43 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if spec.quantized:
             install_attention(model, attn_implementation)
         model.kv_cache_spec = spec
+        model.compile_decode = compile
         return model
 
     def generate(self, *args, **kwargs):
         """``GenerationMixin.generate``; with a quantized ``kv_cache_spec`` and no cache given, a
-        fresh cache of that spec is passed in."""
-        if self.kv_cache_spec.quantized and kwargs.get("cache") is None \
-                and kwargs.get("past_key_values") is None:
+        fresh cache of that spec is passed in. With ``compile_decode``, greedy generation runs in
+        ``llm_decode.CompiledDecoder`` (other strategies raise a ValueError naming the option)."""
+        given = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+        if self.compile_decode and not given:
+            return self._compiled_generate(*args, **kwargs)
+        if self.kv_cache_spec.quantized and not given:
             kwargs[self._cache_kw] = make_cache(self.kv_cache_spec, self.config)
         return super().generate(*args, **kwargs)
+
+    @property
+    def decoder(self) -> CompiledDecoder:
+        """The compiled greedy loop for the current ``kv_cache_spec`` (built on first use)."""
+        if self._decoder is None or self._decoder.spec != self.kv_cache_spec:
+            self._decoder = CompiledDecoder(self, self.kv_cache_spec)
+        return self._decoder
+
+    def _compiled_generate(self, input_ids=None, *, attention_mask=None, pixel_values=None,
+                           frames_per_video=None, media_type=None, max_new_tokens=None,
+                           min_new_tokens=None, eos_token_id=None, pad_token_id=None,
+                           streamer=None, **options):
+        check_greedy(options)
+        if input_ids is None:
+            raise ValueError("compile=True generates from input_ids (pass them, not inputs_embeds)")
+        gc = self.generation_config
+        return self.decoder.generate(
+            input_ids, attention_mask, pixel_values=pixel_values,
+            frames_per_video=frames_per_video, media_type=media_type,
+            max_new_tokens=int(max_new_tokens or gc.max_new_tokens or 20),
+            min_new_tokens=int(min_new_tokens or 0),
+            eos_token_id=eos_token_id if eos_token_id is not None else gc.eos_token_id,
+            pad_token_id=pad_token_id if pad_token_id is not None else gc.pad_token_id,
+            streamer=streamer)
 
     def save_pretrained(self, path, **_):
         """Write config.json, model.safetensors (PLLaVA's names) and generation_config.json."""

@@ -75,8 +75,10 @@ class QuantizedKV:
             f"QuantizedKV has no attribute {name!r}: a QuantizedKVCache needs the pllava_fast attention "
             "(call pllava_fast.attention.install_attention(model) before generate)")
 
-    def decode_inputs(self) -> dict:
-        return self.layer.decode_inputs()
+    def decode_inputs(self, token_mask: Tensor | None = None) -> dict:
+        """Keyword arguments of ``pllava_fast.ops.decode_attention``; ``token_mask`` (B, L) bool
+        marks the keys each sequence may see (padding)."""
+        return {**self.layer.decode_inputs(), "kv_mask": token_mask}
 
     def dequantize(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         return self.layer.dequantize(dtype)

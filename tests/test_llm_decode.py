@@ -1,0 +1,118 @@
+"""The compiled decode loop: static caches and a torch.compile'd step give generate()'s greedy
+tokens for every cache kind (fp32, CPU), with one graph per (batch, length bucket)."""
+import pytest
+import torch
+from transformers import TextIteratorStreamer
+
+from pllava_fast.attention import install_attention
+from pllava_fast.conversation import build_prompt
+from pllava_fast.kv_cache import make_cache, make_static_cache
+from pllava_fast.kv_spec import KVCacheSpec
+from pllava_fast.llm_decode import CompiledDecoder
+from pllava_fast.model import PllavaForConditionalGeneration
+from pllava_fast.testing import random_pixel_values
+
+OPTS = {"window": 8, "block": 4, "group_size": 16}
+KINDS = [("model-dtype", {}), ("int8", OPTS), ("int4", OPTS), ("unquantized", OPTS)]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    m = PllavaForConditionalGeneration.from_pretrained(tiny_model_dir)
+    m.generation_config.eos_token_id = None  # every call makes max_new_tokens tokens
+    return install_attention(m)
+
+
+@pytest.fixture(scope="module")
+def inputs(model, tiny_model_dir):
+    from pllava_fast.conversation import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    enc = tok([build_prompt("What is happening in the video?"), build_prompt("Why?")],
+              return_tensors="pt", padding=True)  # left padded: the second row is shorter
+    return {**enc, "pixel_values": random_pixel_values(2 * model.config.num_frames, model.config)}
+
+
+def _eager(model, inputs, spec, n=24, **kw):
+    cache = make_cache(spec, model.config)
+    with torch.inference_mode():
+        return model.generate(**inputs, max_new_tokens=n, do_sample=False, cache=cache, **kw)
+
+
+@pytest.mark.parametrize("kind,opts", KINDS, ids=[k for k, _ in KINDS])
+def test_compiled_greedy_tokens_equal_eager(model, inputs, kind, opts):
+    spec = KVCacheSpec.of(kind, opts)
+    want = _eager(model, inputs, spec)
+    decoder = CompiledDecoder(model, spec)
+    got = decoder.generate(**inputs, max_new_tokens=24)
+    assert torch.equal(got, want)
+    # a shorter prompt in the same length bucket reuses the graph
+    again = decoder.generate(inputs["input_ids"][:, 1:], inputs["attention_mask"][:, 1:],
+                             pixel_values=inputs["pixel_values"], max_new_tokens=20)
+    assert decoder.stats["graphs"] == 1 and again.shape[1] == inputs["input_ids"].shape[1] - 1 + 20
+
+
+def test_static_and_dynamic_quantized_caches_hold_identical_codes(model, inputs):
+    spec = KVCacheSpec.of("int4", OPTS)
+    dynamic = make_cache(spec, model.config)
+    n_vis = model.multi_modal_projector.num_visual_tokens
+    length = inputs["input_ids"].shape[1] - 1 + n_vis
+    static = make_static_cache(spec, model.config, length + 16)
+    with torch.inference_mode():
+        for cache in (dynamic, static):
+            out = model(**inputs, cache=cache)
+            mask, ids = out.attention_mask, inputs["input_ids"][:, -1:]
+            for _ in range(9):  # past a flush of the window
+                mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
+                model(input_ids=ids, attention_mask=mask, cache=cache)
+    d, s = dynamic.layers[0], static.layers[0]
+    n = d.n_quant
+    assert n > 0 and int(s._n_quant()) == n
+    assert torch.equal(s.k_codes[:, :, :n], d.k_codes.view())
+    assert torch.equal(s.v_scale[:, :, :n], d.v_scale.view())
+    for a, b in zip(s.dequantize(), d.dequantize()):
+        assert torch.equal(a, b)
+
+
+def test_end_of_sequence_and_min_new_tokens_match_generate(model, inputs):
+    eos = int(_eager(model, inputs, KVCacheSpec(), n=6)[0, -3])  # a token the model emits
+    model.compile_decode = True
+    try:
+        for kw in ({}, {"min_new_tokens": 8}):
+            with torch.inference_mode():
+                got = model.generate(**inputs, max_new_tokens=12, eos_token_id=eos,
+                                     pad_token_id=0, **kw)
+            model.compile_decode = False
+            want = _eager(model, inputs, KVCacheSpec(), n=12, eos_token_id=eos, pad_token_id=0,
+                          **kw)
+            model.compile_decode = True
+            assert torch.equal(got, want), kw
+    finally:
+        model.compile_decode = False
+
+
+def test_streamer_and_unsupported_options(model, inputs, tiny_model_dir):
+    from pllava_fast.conversation import load_tokenizer
+
+    model.compile_decode = True
+    try:
+        one = {k: v[:1] for k, v in inputs.items() if k != "pixel_values"}
+        one["pixel_values"] = inputs["pixel_values"][:model.config.num_frames]
+        streamer = TextIteratorStreamer(load_tokenizer(tiny_model_dir), skip_prompt=True)
+        with torch.inference_mode():
+            out = model.generate(**one, max_new_tokens=6, streamer=streamer)
+        assert "".join(streamer) and out.shape[1] == one["input_ids"].shape[1] + 6
+        for bad, name in (({"do_sample": True}, "do_sample"), ({"num_beams": 2}, "num_beams"),
+                          ({"output_scores": True}, "output_scores"), ({"foo": 1}, "foo")):
+            with pytest.raises(ValueError, match=name):
+                model.generate(**one, max_new_tokens=2, **bad)
+    finally:
+        model.compile_decode = False
+
+
+def test_compile_flag_is_checked_at_load(tiny_model_dir):
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        PllavaForConditionalGeneration.from_pretrained(tiny_model_dir, compile="yes")
+    with pytest.raises(ValueError, match="key_quant='channel'"):
+        PllavaForConditionalGeneration.from_pretrained(
+            tiny_model_dir, compile=True, kv_cache="int8", kv_cache_options={"key_quant": "channel"})
