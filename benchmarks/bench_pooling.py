@@ -17,8 +17,6 @@ import sys
 
 import torch
 
-
-
 from pllava_fast import ops
 from pllava_fast.kernels.pooling import pool_visual_tokens_ref
 

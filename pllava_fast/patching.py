@@ -57,7 +57,7 @@ def is_patched(model) -> bool:
 
 def patch(model, *, pooling: bool = True, kv_cache="model-dtype", attention: str | None = "auto",
           pooling_shape: Sequence[int] | None = None, num_frames: int | None = None,
-          kv_cache_options: Mapping | None = None):
+          kv_cache_options: Mapping | None = None, compile: bool = False):
     """Install pllava-fast's projector, attention backend and KV cache in ``model``; return it.
 
     Args:
@@ -72,10 +72,14 @@ def patch(model, *, pooling: bool = True, kv_cache="model-dtype", attention: str
         kv_cache_options: QuantizedKVCache options for "int8" / "int4": ``window`` (recent tokens
             kept in full precision), ``group_size``, ``block``, ``key_quant`` ("token" or
             "channel"); checked here (ValueError), rejected with "model-dtype".
+        compile: on a PLLaVA model, greedy ``generate()`` runs the compiled static-cache loop
+            (``pllava_fast.llm_decode``); not for a transformers Llava.
 
     Patching twice replaces the first patch; ``unpatch`` restores the original model.
     """
     spec = KVCacheSpec.of(kv_cache, kv_cache_options)
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
     if num_frames is not None:
         num_frames = positive_int("num_frames", num_frames)
     if pooling_shape is not None:
@@ -102,6 +106,12 @@ def patch(model, *, pooling: bool = True, kv_cache="model-dtype", attention: str
         _set_attention(model, state, name, spec)
         if spec.quantized:
             _install_cache(model, state, spec)
+        if compile:
+            if hf_llava:
+                raise ValueError("compile=True is for PLLaVA models (PllavaForConditionalGeneration);"
+                                 " a transformers Llava keeps its own generate()")
+            _set(state, model, "kv_cache_spec", spec)
+            _set(state, model, "compile_decode", True)
     except Exception:
         unpatch(model)
         raise

@@ -62,17 +62,27 @@ class VideoPipeline:
         attention: LLM attention backend installed with ``pllava_fast.patch`` ("auto": flash-attn
             when usable on CUDA, else SDPA; None leaves the model's). The quantized caches need
             pllava-fast attention, so None with "int8"/"int4" installs "auto".
+        compile: decode greedily with a static cache of the ``kv_cache`` kind and a compiled
+            step (``pllava_fast.llm_decode``); the timings then add ``compile_s``, the first
+            compilation of a new (batch, length bucket), which later runs reuse.
     """
 
     def __init__(self, model, tokenizer, *, num_frames: int | None = None,
                  template: str | None = None, kv_cache="model-dtype",
                  image_size: int | None = None, system: str | None = None,
                  attention: str | None = "auto", pooling_shape: Sequence[int] | None = None,
-                 kv_cache_options: dict | None = None):
+                 kv_cache_options: dict | None = None, compile: bool = False):
         self.kv_cache_spec = KVCacheSpec.of(kv_cache, kv_cache_options)
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
+        self.compile = compile
         if attention is None and self.kv_cache_spec.quantized:
             attention = "auto"
-        if attention is not None or pooling_shape is not None or num_frames is not None:
+        if self.compile:
+            # the model's own compiled loop builds its static cache of the pipeline's kind
+            patch(model, attention=attention or "auto", pooling_shape=pooling_shape,
+                  num_frames=num_frames, kv_cache=self.kv_cache_spec, compile=True)
+        elif attention is not None or pooling_shape is not None or num_frames is not None:
             # the pipeline makes its cache per call, so the patch keeps generate() as it is
             patch(model, attention=attention, pooling_shape=pooling_shape, num_frames=num_frames)
         self.model = model.eval()
@@ -227,17 +237,24 @@ class VideoPipeline:
             kwargs.setdefault("temperature", None)
             kwargs.setdefault("top_p", None)
             kwargs.setdefault("top_k", None)
-        if "past_key_values" not in kwargs and "cache" not in kwargs:
+        if "past_key_values" not in kwargs and "cache" not in kwargs and not self.compile:
             cache = self.make_cache()
             if cache is not None:
                 kwargs[generate_cache_kwarg(self.model)] = cache
-        with torch.inference_mode(), _ModelProbe(self.model, timer), timer.stage("model"):
+        probe = _ModelProbe(self.model, timer, lm=not self.compile)
+        with torch.inference_mode(), probe, timer.stage("model"):
             out = self.model.generate(**inputs, streamer=streamer, **kwargs)
+        if self.compile:
+            stats = self.model.decoder.stats
+            timer.add("prefill", stats["prefill_s"])
+            timer.add("llm_decode", stats["llm_decode_s"], count=stats["steps"])
         sequences = out.sequences if hasattr(out, "sequences") else out
         # generate() returns the prompt followed by the new tokens; keep the new ones
         new = sequences[:, prompt_len:] if sequences.shape[1] > prompt_len else sequences
         texts = [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
         self.timings = summarise(timer, batch, new.shape[1])
+        if self.compile:
+            self.timings["compile_s"] = self.model.decoder.stats["compile_s"]
         return PipelineOutput(texts=texts, sequences=new.cpu(), timings=self.timings)
 
     def __call__(self, videos, questions, *, start=None, end=None, max_new_tokens: int = 64,

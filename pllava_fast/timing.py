@@ -32,9 +32,9 @@ class StageTimer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def add(self, name: str, seconds: float):
+    def add(self, name: str, seconds: float, count: int = 1):
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-        self.counts[name] = self.counts.get(name, 0) + 1
+        self.counts[name] = self.counts.get(name, 0) + count
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -58,8 +58,10 @@ class _ModelProbe:
     """
 
     def __init__(self, model, timer: StageTimer, *, part=("projector", "multi_modal_projector"),
-                 rest="vision"):
-        self.model, self.timer = model, timer
+                 rest="vision", lm: bool = True):
+        # lm=False: the language model runs inside a compiled step, where a Python hook would
+        # break the graph; the compiled loop reports its own prefill / llm_decode times
+        self.model, self.timer, self.hook_lm = model, timer, lm
         self.part_stage, self.part_attr = part
         self.rest = rest
         self.handles = []
@@ -81,7 +83,7 @@ class _ModelProbe:
             self.handles.append(part.register_forward_pre_hook(lambda *a: self._start(stage)))
             self.handles.append(part.register_forward_hook(
                 lambda *a: self.timer.add(stage, self._stop(stage))))
-        lm = getattr(m, "language_model", None)
+        lm = getattr(m, "language_model", None) if self.hook_lm else None
         if lm is not None:
             self.handles.append(lm.register_forward_pre_hook(lambda *a: self._start("lm")))
             self.handles.append(lm.register_forward_hook(self._lm_done))
