@@ -125,6 +125,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--contexts", type=int, nargs="+", default=None,
+                        help="cached tokens (default: 1k 2.4k 8k 32k on CUDA, 1k 2.4k on CPU)")
+    parser.add_argument("--batches", type=int, nargs="+", default=None,
+                        help="sequences (default: 1 8 32 on CUDA, 1 8 on CPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -133,6 +137,7 @@ def main():
         contexts, batches, note = (1024, 2400), (1, 8), (
             "CPU: reduced set; ours is the torch path (token chunks of codes converted to fp32 in a reused "
             "buffer, scales folded into q / p, batched matmuls), not the GPU kernel")
+    contexts, batches = args.contexts or contexts, args.batches or batches
     mem, int8_ratio, int4_ratio = memory_records(device)
     recs = mem + latency_records(device, contexts, batches, args.repeats) + agreement_records()
     path = write_results("kv_cache", recs, device=device, dtype=torch.bfloat16,
