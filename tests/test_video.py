@@ -1,5 +1,7 @@
 """Frame sampling and decoding: PLLaVA's index rules, and frames equal to PyAV's own full
-sequential decode at the same indices, for clips made here with PyAV and the shared samples."""
+sequential decode at the same indices (``numbering="presentation"``), for clips made here with
+PyAV and the shared samples. Default-mode (decord) numbering: tests/test_video_decord.py."""
+import functools
 import io
 import os
 from fractions import Fraction
@@ -10,8 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pllava_fast.video import (DecodedVideo, VideoDecodeError, read_video, read_videos,
-                               sample_indices)
+from pllava_fast import video as _video
+from pllava_fast.video import DecodedVideo, VideoDecodeError, sample_indices
+
+# these tests hold the presentation-exact numbering to PyAV's own sequential decode
+read_video = functools.partial(_video.read_video, numbering="presentation")
+read_videos = functools.partial(_video.read_videos, numbering="presentation")
 
 
 # ------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import importlib
 # public name -> submodule; loaded on first use, so ``pllava_fast.video.extensions`` (and the
 # CLI's checks) import without torch
 _EXPORTS = {
-    "DecodedVideo": "frames", "VideoDecodeError": "frames", "frame_to_rgb": "frames",
+    "DecodedVideo": "frames", "VideoDecodeError": "frames", "frame_to_rgb": "frames", "NUMBERINGS": "read",
     "frame_to_yuv420": "frames", "read_video": "read", "read_videos": "read",
     "sample_indices": "sampling", "frame_files": "sources", "IMAGE_EXTENSIONS": "extensions",
     "MEDIA_EXTENSIONS": "extensions", "VIDEO_EXTENSIONS": "extensions",

@@ -3,11 +3,13 @@ checked frame by frame, with a full-decode count as the fallback."""
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import dataclasses
 
 import av
 
 from .frames import VideoDecodeError, _yuv_tags, assemble, frame_to_rgb, frame_to_yuv420
+from .decord_order import DecordOrder, Unsupported
 from .sampling import sample_indices
 from .sources import _Opener, _video_stream
 from .table import _scan, _Table
@@ -34,10 +36,18 @@ class _LandedLate(Exception):
 
 
 class _Reader:
-    """Decodes one video stream, keeping the frames at wanted presentation indices."""
+    """Decodes one video stream, keeping the frames at wanted presentation indices.
 
-    def __init__(self, opener: _Opener, threads: int, keep_yuv: bool, container=None):
+    ``skip_nonref``: between targets the decoder skips the non-reference frames (FFmpeg's
+    ``skip_frame="NONREF"``) that no target needs; a target's own packet is always decoded.
+    Nothing else depends on a non-reference frame, so the kept pixels do not change.
+    """
+
+    def __init__(self, opener: _Opener, threads: int, keep_yuv: bool, container=None,
+                 skip_nonref: bool = False):
         self.opener, self.threads, self.keep_yuv = opener, threads, keep_yuv
+        self.skip_nonref = skip_nonref
+        self.target_pts: set = set()
         self.container = container  # the scan's container: rewound instead of re-opened
         self.kept: dict[int, tuple] = {}
         self.tags = None  # (matrix, range) of kept YUV frames; None: kept as rgb24
@@ -56,7 +66,9 @@ class _Reader:
         """Position the demuxer: a seek on the open container (to ``seek_pts``, landing at
         decode position ``aim`` or before), else a freshly opened container at the start
         (opening is not free: FFmpeg's stream probing decodes frames)."""
-        if seek_pts is not None and self.container is not None:
+        if seek_pts is not None:
+            if self.container is None:
+                self.container = self.opener.open()
             self.container.seek(seek_pts, stream=self.container.streams.video[0], backward=True,
                                 any_frame=False)
         else:
@@ -91,12 +103,16 @@ class _Reader:
                         raise _LandedLate
                 self.aim = None
                 self.decoded += 1
+                if self.skip_nonref:
+                    cc.skip_frame = "DEFAULT" if packet.pts in self.target_pts else "NONREF"
                 for frame in cc.decode(packet):
                     yield frame, False
                 if last is not None and pos >= last:
                     break
             for frame in cc.decode(None):
                 yield frame, True
+            if self.skip_nonref:
+                cc.skip_frame = "DEFAULT"
         except (av.error.FFmpegError, EOFError) as e:
             raise VideoDecodeError(f"{self.opener.name}: corrupt or truncated video ({e})") from e
 
@@ -143,14 +159,18 @@ class _Reader:
             cur = max(cur, q)
         return runs
 
-    def by_table(self, table: _Table, wanted: list[int], seek: bool):
-        """Frames at the wanted presentation indices following ``plan``; every output frame is
-        checked against the table (consecutive presentation order while feeding)."""
+    def by_table(self, table: _Table, wanted, seek: bool, runs=None):
+        """Frames at the wanted presentation indices following ``plan`` (or the given ``runs``
+        of it); every output frame is checked against the table (consecutive presentation
+        order while feeding; skipped non-reference frames leave gaps)."""
         pos_of = {p: i for i, p in enumerate(table.pts)}
         frame_pts = table.frame_pts
         rank = {p: r for r, p in enumerate(frame_pts)}
         wanted = set(wanted)
-        for key, last, targets in self.plan(table, sorted(wanted), seek):
+        self.target_pts = {frame_pts[r] for r in wanted}
+        if runs is None:
+            runs = self.plan(table, sorted(wanted), seek)
+        for key, last, targets in runs:
             if key is None:  # from the start: rewind the scan's container
                 self._go(table.pts[0], aim=0)
                 floor, expect = None, 0
@@ -168,7 +188,8 @@ class _Reader:
                             continue
                         r = rank.get(frame.pts)
                         # draining skips frames whose packets were not fed
-                        if r is None or r < expect or (r > expect and not drained):
+                        gap_ok = drained or self.skip_nonref
+                        if r is None or r < expect or (r > expect and not gap_ok):
                             raise _Mismatch(f"decoder gave pts {frame.pts}, table expects "
                                             f"frame {expect}")
                         expect = r + 1
@@ -196,22 +217,88 @@ class _Reader:
         return count
 
 
-def _read_stream(opener: _Opener, num_frames, start, end, rotate, keep_yuv, threads, stats):
+# decode work (packets) below which a second worker costs more than it saves
+_PARALLEL_MIN_PACKETS = 48
+
+
+def _split(runs, workers: int) -> list[list]:
+    """Contiguous chunks of ``runs`` with about equal packets to decode each."""
+    cost = [last - (key or 0) + 1 for key, last, _ in runs]
+    total, chunks, cur, acc = sum(cost), [], [], 0
+    for run, c in zip(runs, cost):
+        cur.append(run)
+        acc += c
+        if len(chunks) < workers - 1 and acc >= total * (len(chunks) + 1) / workers:
+            chunks.append(cur)
+            cur = []
+    return chunks + ([cur] if cur else [])
+
+
+def _decode_targets(reader: _Reader, table: _Table, wanted: list[int], seek: bool,
+                    workers: int) -> None:
+    """``reader.by_table`` for the wanted frames, the plan's runs split over ``workers``
+    concurrent readers (one container and decoder each; PyAV releases the GIL while FFmpeg
+    decodes) when the video can be opened again and there is enough to decode."""
+    runs = reader.plan(table, sorted(set(wanted)), seek)
+    cost = sum(last - (key or 0) + 1 for key, last, _ in runs)
+    if (workers <= 1 or len(runs) < 2 or cost < _PARALLEL_MIN_PACKETS
+            or reader.opener.file is not None):  # one file object cannot be read twice at once
+        reader.by_table(table, wanted, seek, runs)
+        return
+    chunks = _split(runs, workers)
+    readers = [reader] + [_Reader(reader.opener, reader.threads, reader.keep_yuv,
+                                  skip_nonref=reader.skip_nonref) for _ in chunks[1:]]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(chunks), "pllava-decode-run") as pool:
+            for future in [pool.submit(r.by_table, table, wanted, seek, c)
+                           for r, c in zip(readers, chunks)]:
+                future.result()
+        for other in readers[1:]:
+            if other.kept and (other.tags, other.size) != (reader.tags, reader.size):
+                raise _Mismatch("frames of one video decoded in different formats")
+            reader.kept.update(other.kept)
+            reader.seeks += other.seeks
+            reader.decoded += other.decoded
+    finally:
+        for other in readers[1:]:
+            other.close()
+
+
+def _read_stream(opener: _Opener, num_frames, start, end, rotate, keep_yuv, threads, stats,
+                 numbering: str = "decord", workers: int = 1, skip_nonref: bool = True):
     table, container = _scan(opener)
-    reader = _Reader(opener, threads, keep_yuv, container)
+    reader = _Reader(opener, threads, keep_yuv, container, skip_nonref=skip_nonref)
+    order = None
+    if numbering == "decord":
+        try:
+            order = DecordOrder(table.pts, table.dts, table.key, table.discard, table.fmt,
+                                table.codec)
+        except Unsupported:
+            numbering = "presentation"  # no pts to model decord with: counted by decoding
     try:
         if table.seekable:
-            n = len(table.frame_pts)
-            indices = sample_indices(n, num_frames, fps=table.fps, start=start, end=end)
+            frame_pts = table.frame_pts
+            if order is not None:
+                n = len(order)
+                indices = sample_indices(n, num_frames, fps=table.fps, start=start, end=end)
+                rank = {p: r for r, p in enumerate(frame_pts)}
+                positions = [rank[p] for p in order.get_batch(indices)]
+            else:
+                n = len(frame_pts)
+                indices = sample_indices(n, num_frames, fps=table.fps, start=start, end=end)
+                positions = indices
             try:
-                reader.by_table(table, indices, seek=table.codec in _SEEKABLE_CODECS)
+                _decode_targets(reader, table, positions, table.codec in _SEEKABLE_CODECS,
+                                workers)
                 mode = "seek" if table.codec in _SEEKABLE_CODECS else "forward"
             except _Mismatch:
                 reader.kept.clear()
                 table = dataclasses.replace(table, pts=[None])  # count by decoding below
         if not table.seekable:
-            # No usable pts table: count frames by decoding. One full pass, or two when the
-            # packet count was not the frame count.
+            # No usable pts table: count frames by decoding (presentation numbering). One full
+            # pass, or two when the packet count was not the frame count.
+            numbering = "presentation"
+            reader.skip_nonref = False  # every output frame is counted
             n = len(table.key) - sum(table.discard)
             indices = sample_indices(n, num_frames, fps=table.fps, start=start, end=end)
             n = reader.by_count(set(indices), stop=None)
@@ -221,10 +308,11 @@ def _read_stream(opener: _Opener, num_frames, start, end, rotate, keep_yuv, thre
             if not set(again) <= set(reader.kept):
                 reader.kept.clear()
                 reader.by_count(set(again), stop=max(again))
-            indices = again
+            indices = positions = again
             mode = "count"
         if stats is not None:
-            stats.update(mode=mode, seeks=reader.seeks, packets_decoded=reader.decoded)
-        return assemble(opener.name, reader, indices, table.fps, n, rotate)
+            stats.update(mode=mode, seeks=reader.seeks, packets_decoded=reader.decoded,
+                         numbering=numbering)
+        return assemble(opener.name, reader, indices, positions, table.fps, n, rotate, numbering)
     finally:
         reader.close()

@@ -29,9 +29,12 @@ class DecodedVideo:
 
     Shapes (T = sampled frames, all uint8 CPU tensors, contiguous):
       rgb: (T, H, W, 3);  y: (T, H, W);  u, v: (T, (H + 1) // 2, (W + 1) // 2)
-    ``indices[t]`` is the position of frame t in the stream's presentation order (0-based),
-    ``num_frames_total`` the number of frames of the stream, ``fps`` its average rate (None for
-    a single image).
+    ``indices[t]`` is frame t's index in the stream's numbering and ``num_frames_total`` the
+    stream's frame count in it: ``numbering="decord"`` (the original PLLaVA's: decord 0.6.0's
+    ``len(vr)`` and the pictures its ``get_batch`` returns, see ``decord_order``) or
+    ``"presentation"`` (the i-th frame of a full sequential decode). ``frames[t]`` is the
+    presentation position of the picture frame t holds (equal to ``indices`` in presentation
+    numbering). ``fps``: the average rate (None for a single image).
     """
 
     source: str
@@ -45,6 +48,8 @@ class DecodedVideo:
     v: torch.Tensor | None = None
     color_matrix: str = "bt601"  # "bt601" | "bt709"
     color_range: str = "limited"  # "limited" | "full"
+    numbering: str = "presentation"  # "decord" | "presentation"
+    frames: list[int] | None = None  # presentation positions of the pictures (None: = indices)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -103,19 +108,21 @@ def frame_to_yuv420(frame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return y, u, v
 
 
-def assemble(name, reader, indices, fps, total, rotate: bool) -> DecodedVideo:
-    """The kept frames of ``reader`` at ``indices`` as a DecodedVideo (quarter turns applied)."""
+def assemble(name, reader, indices, positions, fps, total, rotate: bool,
+             numbering: str = "presentation") -> DecodedVideo:
+    """The kept frames of ``reader`` at presentation ``positions`` (one per sampled index) as a
+    DecodedVideo (quarter turns applied)."""
     turns = _quarter_turns(reader.rotation) if rotate else 0
 
     def stack(channel):
-        t = torch.from_numpy(np.stack([reader.kept[i][channel] for i in indices]))
+        t = torch.from_numpy(np.stack([reader.kept[i][channel] for i in positions]))
         return torch.rot90(t, turns, dims=(1, 2)).contiguous() if turns else t
 
+    common = dict(source=name, indices=list(indices), fps=fps, num_frames_total=total,
+                  numbering=numbering, frames=list(positions))
     if reader.tags is None:
-        return DecodedVideo(source=name, indices=list(indices), fps=fps, num_frames_total=total,
-                            pixel_format="rgb24", rgb=stack(0), color_matrix="bt601",
+        return DecodedVideo(**common, pixel_format="rgb24", rgb=stack(0), color_matrix="bt601",
                             color_range="full")
     matrix, rng = reader.tags
-    return DecodedVideo(source=name, indices=list(indices), fps=fps, num_frames_total=total,
-                        pixel_format="yuv420p", y=stack(0), u=stack(1), v=stack(2),
+    return DecodedVideo(**common, pixel_format="yuv420p", y=stack(0), u=stack(1), v=stack(2),
                         color_matrix=matrix, color_range=rng)

@@ -9,16 +9,20 @@ import os
 
 import torch
 
+from ..checks import positive_int
 from .decode import _read_stream
-from .frames import DecodedVideo, VideoDecodeError
 from .extensions import IMAGE_EXTENSIONS
+from .frames import DecodedVideo, VideoDecodeError
 from .sources import _is_still_image, _load_image, _name_of, _Opener, _read_images, frame_files
+
+NUMBERINGS = ("decord", "presentation")
 
 
 def read_video(source, num_frames: int = 16, *, start: float | None = None,
                end: float | None = None, rotate: bool = True, keep_yuv: bool = True,
                threads: int = 0, fps: float | None = None, require_video: bool = False,
-               stats: dict | None = None) -> DecodedVideo:
+               stats: dict | None = None, numbering: str = "decord", workers: int | None = None,
+               skip_nonref: bool = True) -> DecodedVideo:
     """Decode the ``num_frames`` frames PLLaVA samples from ``source`` (see ``sample_indices``).
 
     source: a video file (anything FFmpeg demuxes: mp4/mov/mkv/webm/avi/gif...), a folder of
@@ -33,13 +37,27 @@ def read_video(source, num_frames: int = 16, *, start: float | None = None,
       when False, as swscale's rgb24.
     threads: FFmpeg decoder threads (0: one per core).
     require_video: reject single images.
-    stats: when a dict, receives how the frames were found (mode, seeks, packets_decoded).
+    stats: when a dict, receives how the frames were found (mode, seeks, packets_decoded,
+      numbering).
+    numbering: "decord" (default): frames numbered as the original PLLaVA's decoder, decord
+      0.6.0, numbers them, so PLLaVA's indices pick the original's pictures: ``len(vr)`` counts
+      every packet (pre-roll too) and index i is the picture decord's ``get_batch`` returns
+      (``decord_order``); "presentation": frame i is the i-th frame a full sequential decode
+      outputs (the frame with the i-th smallest pts). For ordinary files (no pre-roll, closed
+      GOPs) the two agree. For variable-frame-rate streams indices are frame counts, not times.
+    workers: decoders that take the keyframe ranges concurrently (None: 2 where there are 2+
+      cores); skip_nonref: skip the non-reference frames no target needs (same pixels).
 
-    Frame ``i`` is the i-th frame a full sequential decode outputs (presentation order, so the
-    frame with the i-th smallest pts); for variable-frame-rate streams indices are frame counts,
-    not times. Raises FileNotFoundError for a missing path, VideoDecodeError (a ValueError) naming
-    the source for anything that is not a decodable video.
+    Raises FileNotFoundError for a missing path, VideoDecodeError (a ValueError) naming the
+    source for anything that is not a decodable video.
     """
+    positive_int("num_frames", num_frames)
+    positive_int("threads", threads, minimum=0)
+    if numbering not in NUMBERINGS:
+        raise ValueError(f"numbering must be one of {NUMBERINGS}, got {numbering!r}")
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1)
+    positive_int("workers", workers)
     name = _name_of(source)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
@@ -73,7 +91,7 @@ def read_video(source, num_frames: int = 16, *, start: float | None = None,
         raise TypeError(f"read_video: source must be a path, bytes or a binary file object, "
                         f"got {type(source).__name__}")
     return _read_stream(_Opener(source, name), num_frames, start, end, rotate, keep_yuv,
-                        threads, stats)
+                        threads, stats, numbering, workers, skip_nonref)
 
 
 def read_videos(sources, num_frames: int = 16, *, prefetch: int = 2, **kwargs):

@@ -14,8 +14,9 @@ from .sources import _Opener, _video_stream
 class _Table:
     """One demux pass over the video stream (reads packets, decodes nothing).
 
-    pts[i], key[i], discard[i]: pts and flags of the i-th packet in decode order; the decoder
-    drops the frames of discard packets (pre-roll before an edit list's start).
+    pts[i], dts[i], key[i], discard[i]: timestamps and flags of the i-th packet in decode order;
+    the decoder drops the frames of discard packets (pre-roll before an edit list's start).
+    ``fmt``: the container format's name, ``codec`` the decoder's.
     """
 
     pts: list
@@ -23,6 +24,8 @@ class _Table:
     discard: list
     codec: str
     fps: float | None
+    dts: list = dataclasses.field(default_factory=list)
+    fmt: str = ""
 
     @property
     def seekable(self) -> bool:
@@ -42,12 +45,13 @@ def _scan(opener: _Opener):
     container = opener.open()
     try:
         stream = _video_stream(container, opener.name)
-        pts, key, discard = [], [], []
+        pts, dts, key, discard = [], [], [], []
         try:
             for packet in container.demux(stream):
                 if packet.size == 0:  # the demuxer's end-of-stream marker
                     continue
                 pts.append(packet.pts)
+                dts.append(packet.dts)
                 key.append(bool(packet.is_keyframe))
                 discard.append(bool(packet.is_discard))
         except (av.error.FFmpegError, EOFError) as e:
@@ -55,7 +59,8 @@ def _scan(opener: _Opener):
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         listed = stream.frames
         codec = stream.codec_context.name
-        mov = "mp4" in container.format.name
+        fmt = container.format.name
+        mov = "mp4" in fmt
     except BaseException:
         container.close()
         raise
@@ -68,5 +73,5 @@ def _scan(opener: _Opener):
         raise VideoDecodeError(f"{opener.name}: truncated video: the container lists {listed} "
                                f"frames, only {len(pts)} could be read")
     table = _Table(pts=pts, key=key, discard=discard, codec=codec,
-                   fps=float(rate) if rate else None)
+                   fps=float(rate) if rate else None, dts=dts, fmt=fmt)
     return table, container
