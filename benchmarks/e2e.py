@@ -3,8 +3,10 @@
 Per stage (video decode, preprocessing, vision tower, projector, prefill, decode steps), TTFT,
 whole pipeline, decode tokens/s, peak memory (CUDA) and the videos per batch that fit a memory
 budget (estimate: KV cache + the visual stage's live activations per video, ours with int4 KV).
-See ``pllava_fast.bench`` for what each side runs. Writes ``results/e2e-<device>.json`` and a bar
-chart ``results/e2e-<device>.png``.
+See ``pllava_fast.comparison`` for what each side runs (the original: decord get_batch, PIL +
+CLIPImageProcessor, all CLIP layers, linear_2 before the pool, eager DynamicCache loop), plus a
+third column: pllava-fast with the compiled decode loop (``--no-compile`` drops it). Writes
+``results/e2e-<device>.json`` and a bar chart ``results/e2e-<device>.png``.
 
     python -m benchmarks.e2e                                # CPU, tiny model (16 frames)
     python -m benchmarks.e2e --device cuda --shape 7b       # PLLaVA-7B shape, random weights
@@ -19,6 +21,7 @@ import tempfile
 import torch
 
 from pllava_fast import comparison as bench
+from pllava_fast.pipeline import VideoPipeline
 from pllava_fast.testing import make_clip
 
 from .harness import write_results
@@ -46,7 +49,7 @@ def capacity_estimate_7b(budget_gb: float, max_new_tokens: int = 256) -> dict:
     pipe = bench.build_pipeline(shape="7b", device="meta", dtype="bf16")
     prompt = int(pipe.tokenize(pipe.prompts([bench.QUESTION]))["input_ids"].shape[1])
     budget = budget_gb * 2**30
-    base = bench.memory_per_video(pipe, "bf16", original=True, prompt_tokens=prompt,
+    base = bench.memory_per_video(pipe, "model-dtype", original=True, prompt_tokens=prompt,
                                   max_new_tokens=max_new_tokens)
     ours = bench.memory_per_video(pipe, "int4", original=False, prompt_tokens=prompt,
                                   max_new_tokens=max_new_tokens)
@@ -72,8 +75,11 @@ def plot(path, results: list[tuple[str, dict]], title: str):
         base = [r["baseline_s"] * 1e3 for r in recs]
         ours = [r["ours_s"] * 1e3 for r in recs]
         x = range(len(recs))
-        ax.bar([i - 0.2 for i in x], base, 0.4, label="original-style", color="#9aa5b1")
-        ax.bar([i + 0.2 for i in x], ours, 0.4, label="pllava-fast", color="#2f6fdf")
+        ax.bar([i - 0.27 for i in x], base, 0.27, label="original", color="#9aa5b1")
+        ax.bar(list(x), ours, 0.27, label="pllava-fast", color="#2f6fdf")
+        if all("ours_compiled_s" in r for r in recs):
+            ax.bar([i + 0.27 for i in x], [r["ours_compiled_s"] * 1e3 for r in recs], 0.27,
+                   label="pllava-fast, compiled decode", color="#13a36b")
         for i, r in enumerate(recs):
             ax.text(i, max(base[i], ours[i]) * 1.15, f"{r['speedup']:.2f}x", ha="center",
                     fontsize=8)
@@ -101,16 +107,21 @@ def main(argv=None):
     parser.add_argument("--budget-gb", type=float, default=80.0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="add the compiled-decode column (same model, compile=True)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = bench.build_pipeline(args.model, shape=args.shape, device=args.device,
                                 dtype=args.dtype)
+    compiled = (VideoPipeline(pipe.model, pipe.tokenizer, compile=True)
+                if args.compile else None)
     results, records = [], []
     with tempfile.TemporaryDirectory(prefix="pllava-fast-e2e-") as tmp:
         for name, videos in scenarios(tmp, args):
             result = bench.compare(pipe, videos, max_new_tokens=args.max_new_tokens,
-                                   repeats=args.repeats, budget_gb=args.budget_gb)
+                                   repeats=args.repeats, budget_gb=args.budget_gb,
+                                   compiled=compiled)
             print(f"== {name}: batch {len(videos)}, {pipe.num_frames} frames, "
                   f"{args.max_new_tokens} new tokens")
             print(bench.format_table(result))
@@ -118,7 +129,8 @@ def main(argv=None):
             for r in result["records"]:
                 records.append({"scenario": name, **r})
             records.append({"scenario": name, "name": "greedy tokens identical",
-                            "value": result["same_tokens"]})
+                            "value": result["same_tokens"],
+                            "compiled": result["same_tokens_compiled"]})
     if args.shape != "7b" and args.model is None:
         records.append(capacity_estimate_7b(args.budget_gb))
         print(f"PLLaVA-7B shape, analytic estimate: {records[-1]}")

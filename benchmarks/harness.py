@@ -122,6 +122,19 @@ def time_fn(fn: Callable, *, device="cpu", warmup: int = 2, repeats: int = 10) -
     return statistics.median(times)
 
 
+def time_interleaved(fns: dict, *, device="cpu", warmup: int = 1, repeats: int = 5) -> dict:
+    """{name: {"median_s", "min_s"}} of each ``fns[name]()``, the repeats interleaved across the
+    functions so that load drifting during the run hits all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(time_fn(fn, device=device, warmup=0, repeats=1))
+    return {name: {"median_s": statistics.median(t), "min_s": min(t)} for name, t in times.items()}
+
+
 def compare(name: str, baseline: Callable, ours: Callable, *, device="cpu", bytes_moved=None,
             flops=None, warmup=2, repeats=10, **extra) -> dict:
     """Time baseline and ours in the same run; return a record with the ratio and peak fractions."""

@@ -102,33 +102,47 @@ def videos_in_budget(pipe: VideoPipeline, per_video_bytes: float, budget_bytes: 
 
 
 def compare(pipe: VideoPipeline, videos, *, question=QUESTION, max_new_tokens=16, repeats=3,
-            budget_gb=80.0, capacity_kv="int4") -> dict:
-    """Run both pipelines ``repeats`` times (after a warm-up) and return the comparison."""
+            budget_gb=80.0, capacity_kv="int4", compiled: VideoPipeline | None = None) -> dict:
+    """Run the original and ``pipe`` (and ``compiled``, the same model with compile=True, as a
+    third column) ``repeats`` times, interleaved, after a warm-up (which also compiles)."""
     original = OriginalPipeline(pipe)
     warm = min(max_new_tokens, 2)
     original(videos, question, max_new_tokens=warm)
-    pipe(videos, question, max_new_tokens=warm, min_new_tokens=warm)
-    base_runs, ours_runs, same = [], [], True
+    ours_pipes = {"ours": pipe, **({"compiled": compiled} if compiled is not None else {})}
+    for p in ours_pipes.values():
+        p(videos, question, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+    base_runs, runs, same = [], {k: [] for k in ours_pipes}, {k: True for k in ours_pipes}
     for _ in range(repeats):
         if pipe.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pipe.device)
         base_tokens, base_t = original(videos, question, max_new_tokens=max_new_tokens)
         base_runs.append(base_t)
-        if pipe.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(pipe.device)
-        out = pipe(videos, question, max_new_tokens=max_new_tokens,
-                   min_new_tokens=max_new_tokens)
-        ours_runs.append(out.timings)
-        same &= torch.equal(base_tokens, out.sequences)
-    base, ours = _median_timings(base_runs), _median_timings(ours_runs)
+        for key, p in ours_pipes.items():
+            if pipe.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(pipe.device)
+            out = p(videos, question, max_new_tokens=max_new_tokens,
+                    min_new_tokens=max_new_tokens)
+            runs[key].append(out.timings)
+            same[key] &= torch.equal(base_tokens, out.sequences)
+    base = _median_timings(base_runs)
+    med = {k: _median_timings(v) for k, v in runs.items()}
+    ours = med["ours"]
     records = []
-    for stage in STAGES:
-        records.append(_record(f"stage:{stage}", base[f"{stage}_s"], ours[f"{stage}_s"]))
-    records.append(_record("ttft", base["ttft_s"], ours["ttft_s"]))
-    records.append(_record("whole pipeline", base["total_s"], ours["total_s"]))
-    records.append({"name": "llm_decode tokens/s", "baseline": base["llm_decode_tokens_per_s"],
-                    "ours": ours["llm_decode_tokens_per_s"],
-                    "speedup": ours["llm_decode_tokens_per_s"] / base["llm_decode_tokens_per_s"]})
+    pairs = [(f"stage:{stage}", f"{stage}_s") for stage in STAGES]
+    pairs += [("ttft", "ttft_s"), ("whole pipeline", "total_s")]
+    for name, key in pairs:
+        rec = _record(name, base[key], ours[key])
+        if "compiled" in med:
+            rec["ours_compiled_s"] = med["compiled"][key]
+            rec["speedup_compiled"] = base[key] / med["compiled"][key] if med["compiled"][key] else None
+        records.append(rec)
+    tps = "llm_decode_tokens_per_s"
+    rec = {"name": "llm_decode tokens/s", "baseline": base[tps], "ours": ours[tps],
+           "speedup": ours[tps] / base[tps]}
+    if "compiled" in med:
+        rec.update(ours_compiled=med["compiled"][tps],
+                   speedup_compiled=med["compiled"][tps] / base[tps])
+    records.append(rec)
     if "peak_memory_bytes" in ours:
         records.append({"name": "peak memory bytes (measured)",
                         "baseline": base["peak_memory_bytes"], "ours": ours["peak_memory_bytes"],
@@ -149,8 +163,10 @@ def compare(pipe: VideoPipeline, videos, *, question=QUESTION, max_new_tokens=16
                     "baseline": n_base, "ours": n_ours,
                     "ratio": n_ours / n_base if n_base else None,
                     "baseline_bytes_per_video": per_base, "ours_bytes_per_video": per_ours})
-    return {"records": records, "same_tokens": bool(same), "baseline_runs": base_runs,
-            "ours_runs": ours_runs, "prompt_tokens": prompt_tokens}
+    return {"records": records, "same_tokens": bool(same["ours"]),
+            "same_tokens_compiled": same.get("compiled"), "baseline_runs": base_runs,
+            "ours_runs": runs["ours"], "compiled_runs": runs.get("compiled"),
+            "prompt_tokens": prompt_tokens}
 
 
 def _record(name, base_s, ours_s):
@@ -159,17 +175,24 @@ def _record(name, base_s, ours_s):
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'':<44}{'original':>12}{'pllava-fast':>14}{'ratio':>9}"]
+    compiled = result.get("same_tokens_compiled") is not None
+    lines = [f"{'':<44}{'original':>12}{'pllava-fast':>14}{'ratio':>9}"
+             + (f"{'compiled':>12}{'ratio':>9}" if compiled else "")]
     for r in result["records"]:
         if "baseline_s" in r:
             lines.append(f"{r['name']:<44}{r['baseline_s'] * 1e3:>10.1f}ms"
-                         f"{r['ours_s'] * 1e3:>12.1f}ms{r['speedup']:>8.2f}x")
+                         f"{r['ours_s'] * 1e3:>12.1f}ms{r['speedup']:>8.2f}x"
+                         + (f"{r['ours_compiled_s'] * 1e3:>10.1f}ms{r['speedup_compiled']:>8.2f}x"
+                            if "ours_compiled_s" in r else ""))
         else:
             ratio = r.get("speedup") or r.get("ratio")
             fmt = (lambda v: f"{v:.1f}") if isinstance(r["baseline"], float) else str
             lines.append(f"{r['name']:<44}{fmt(r['baseline']):>12}{fmt(r['ours']):>14}"
-                         + (f"{ratio:>8.2f}x" if ratio else f"{'-':>9}"))
-    lines.append(f"greedy tokens identical: {result['same_tokens']}")
+                         + (f"{ratio:>8.2f}x" if ratio else f"{'-':>9}")
+                         + (f"{fmt(r['ours_compiled']):>12}{r['speedup_compiled']:>8.2f}x"
+                            if "ours_compiled" in r else ""))
+    lines.append(f"greedy tokens identical: {result['same_tokens']}"
+                 + (f" (compiled: {result['same_tokens_compiled']})" if compiled else ""))
     return "\n".join(lines)
 
 

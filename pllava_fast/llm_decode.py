@@ -163,6 +163,24 @@ class CompiledDecoder:
             streamer.end()
         return torch.cat([input_ids, new], 1)
 
+    def __call__(self, input_ids=None, *, attention_mask=None, pixel_values=None,
+                 frames_per_video=None, media_type=None, max_new_tokens=None, min_new_tokens=None,
+                 eos_token_id=None, pad_token_id=None, streamer=None, **options) -> Tensor:
+        """``generate()``'s keywords; defaults from the model's generation_config; any option
+        the greedy loop cannot honour raises a ValueError naming it."""
+        check_greedy(options)
+        if input_ids is None:
+            raise ValueError("compile=True generates from input_ids (pass them, not inputs_embeds)")
+        gc = self.model.generation_config
+        return self.generate(
+            input_ids, attention_mask, pixel_values=pixel_values,
+            frames_per_video=frames_per_video, media_type=media_type,
+            max_new_tokens=int(max_new_tokens or gc.max_new_tokens or 20),
+            min_new_tokens=int(min_new_tokens or 0),
+            eos_token_id=eos_token_id if eos_token_id is not None else gc.eos_token_id,
+            pad_token_id=pad_token_id if pad_token_id is not None else gc.pad_token_id,
+            streamer=streamer)
+
     @staticmethod
     def _sync(device: torch.device) -> None:
         if device.type == "cuda":

@@ -30,7 +30,7 @@ from .config import PllavaConfig
 from .devices import resolve_dtype
 from .kv_cache import make_cache
 from .kv_spec import KVCacheSpec
-from .llm_decode import CompiledDecoder, check_greedy
+from .llm_decode import CompiledDecoder
 from .loading import (check_device_map, dispatch_model, fast_init, load_into, merge_lora,
                       read_state_dict, save_checkpoint)
 from .merge import (merge_visual_tokens, repeat_videos_per_row, split_frames,
@@ -170,7 +170,7 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         ``llm_decode.CompiledDecoder`` (other strategies raise a ValueError naming the option)."""
         given = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
         if self.compile_decode and not given:
-            return self._compiled_generate(*args, **kwargs)
+            return self.decoder(*args, **kwargs)
         if self.kv_cache_spec.quantized and not given:
             kwargs[self._cache_kw] = make_cache(self.kv_cache_spec, self.config)
         return super().generate(*args, **kwargs)
@@ -181,23 +181,6 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if self._decoder is None or self._decoder.spec != self.kv_cache_spec:
             self._decoder = CompiledDecoder(self, self.kv_cache_spec)
         return self._decoder
-
-    def _compiled_generate(self, input_ids=None, *, attention_mask=None, pixel_values=None,
-                           frames_per_video=None, media_type=None, max_new_tokens=None,
-                           min_new_tokens=None, eos_token_id=None, pad_token_id=None,
-                           streamer=None, **options):
-        check_greedy(options)
-        if input_ids is None:
-            raise ValueError("compile=True generates from input_ids (pass them, not inputs_embeds)")
-        gc = self.generation_config
-        return self.decoder.generate(
-            input_ids, attention_mask, pixel_values=pixel_values,
-            frames_per_video=frames_per_video, media_type=media_type,
-            max_new_tokens=int(max_new_tokens or gc.max_new_tokens or 20),
-            min_new_tokens=int(min_new_tokens or 0),
-            eos_token_id=eos_token_id if eos_token_id is not None else gc.eos_token_id,
-            pad_token_id=pad_token_id if pad_token_id is not None else gc.pad_token_id,
-            streamer=streamer)
 
     def save_pretrained(self, path, **_):
         """Write config.json, model.safetensors (PLLaVA's names) and generation_config.json."""

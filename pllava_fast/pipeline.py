@@ -16,11 +16,13 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from .checks import finite_float, int_tuple, positive_int
 from .compat import generate_cache_kwarg
-from .conversation import build_prompt, load_tokenizer
+from .conversation import build_prompt, get_template, load_tokenizer
 from .devices import check_device, resolve_dtype
 from .kv_cache import make_cache
 from .kv_spec import KVCacheSpec
+from .llm_decode import CompiledDecoder
 from .model import PllavaForConditionalGeneration
 from .patching import patch
 from .preprocess import frames_to_pixel_values
@@ -42,6 +44,24 @@ class PipelineOutput:
     texts: list[str]
     sequences: torch.Tensor
     timings: dict
+
+
+def _check_options(*, template=None, system=None, image_size=None, num_frames=None,
+                   pooling_shape=None, compile=False, **_) -> None:
+    """ValueError naming the first VideoPipeline option that cannot work (checked before a
+    checkpoint loads; ``patch`` checks the model-facing ones again when it applies them)."""
+    if template is not None:
+        get_template(template)  # an unknown name fails here, not at the first question
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f"system must be a str, got {type(system).__name__}")
+    if image_size is not None:
+        positive_int("image_size", image_size)
+    if num_frames is not None:
+        positive_int("num_frames", num_frames)
+    if pooling_shape is not None:
+        int_tuple("pooling_shape", pooling_shape, 3)
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
 
 
 class VideoPipeline:
@@ -73,16 +93,16 @@ class VideoPipeline:
                  attention: str | None = "auto", pooling_shape: Sequence[int] | None = None,
                  kv_cache_options: dict | None = None, compile: bool = False):
         self.kv_cache_spec = KVCacheSpec.of(kv_cache, kv_cache_options)
-        if not isinstance(compile, bool):
-            raise ValueError(f"compile must be True or False, got {compile!r}")
+        _check_options(template=template, system=system, image_size=image_size,
+                       num_frames=num_frames, pooling_shape=pooling_shape, compile=compile)
         self.compile = compile
         if attention is None and self.kv_cache_spec.quantized:
             attention = "auto"
-        if self.compile:
-            # the model's own compiled loop builds its static cache of the pipeline's kind
-            patch(model, attention=attention or "auto", pooling_shape=pooling_shape,
-                  num_frames=num_frames, kv_cache=self.kv_cache_spec, compile=True)
-        elif attention is not None or pooling_shape is not None or num_frames is not None:
+        # the pipeline's own compiled loop (the model object itself is left as it is)
+        self.decoder = CompiledDecoder(model, self.kv_cache_spec) if compile else None
+        if compile and attention is None:
+            attention = "auto"
+        if attention is not None or pooling_shape is not None or num_frames is not None:
             # the pipeline makes its cache per call, so the patch keeps generate() as it is
             patch(model, attention=attention, pooling_shape=pooling_shape, num_frames=num_frames)
         self.model = model.eval()
@@ -112,8 +132,12 @@ class VideoPipeline:
         """
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model directory not found: {model_dir}")
-        spec = KVCacheSpec.of(kv_cache, kv_cache_options)  # before the weights are read
+        # every argument before the weights are read: a typo fails in a moment, not after a load
+        spec = KVCacheSpec.of(kv_cache, kv_cache_options)
+        _check_options(**kwargs)
         device = check_device(device)
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {str(device)!r}")
         if device_map is not None and device.type == "cpu" and torch.cuda.is_available():
             device = torch.device("cuda")  # the dtype of a split model follows its GPUs
         load_kwargs = {"torch_dtype": resolve_dtype(dtype, device), "max_memory": max_memory}
@@ -135,6 +159,10 @@ class VideoPipeline:
         ``sources`` may also hold already decoded videos, which pass through unchanged. Several
         files decode concurrently (``read_videos``' background threads; FFmpeg releases the GIL).
         """
+        for i, s in enumerate(sources):
+            if not isinstance(s, (str, os.PathLike, bytes, DecodedVideo)):
+                raise ValueError(f"videos[{i}] must be a path, bytes or a DecodedVideo, got "
+                                 f"{type(s).__name__}")
         timer = timer or StageTimer(self.device)
         with timer.stage("video_decode"):
             paths = [os.fspath(s) for s in sources if not isinstance(s, DecodedVideo)]
@@ -177,6 +205,13 @@ class VideoPipeline:
         return {"input_ids": enc["input_ids"].to(self.device),
                 "attention_mask": enc["attention_mask"].to(self.device)}
 
+    def check_context(self, questions: Sequence[str], max_new_tokens: int) -> None:
+        """ValueError when ``questions`` (in this pipeline's template) with their visual tokens
+        and ``max_new_tokens`` would not fit the LM's positions; nothing runs."""
+        max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
+        prompt_len = self.tokenize(self.prompts(questions))["input_ids"].shape[1]
+        self._check_context(prompt_len, max_new_tokens)
+
     def _check_context(self, prompt_len: int, max_new_tokens: int) -> None:
         """ValueError before any work when the prompt, its visual tokens and the new tokens do
         not fit the LM's positions (one image token per row expands to the pooled tokens)."""
@@ -206,6 +241,13 @@ class VideoPipeline:
             raise ValueError(f"got {len(videos)} videos but {len(questions)} questions")
         if not videos:
             raise ValueError("no videos given")
+        for i, q in enumerate(questions):
+            if not isinstance(q, str):
+                raise ValueError(f"questions[{i}] must be a str, got {type(q).__name__}")
+        start = finite_float("start", start, minimum=0, allow_none=True)
+        end = finite_float("end", end, minimum=0, allow_none=True)
+        if start is not None and end is not None and end <= start:
+            raise ValueError(f"end ({end} s) must be after start ({start} s)")
         timer = timer or StageTimer(self.device)
         decoded = self.video_decode(videos, start=start, end=end, timer=timer)
         pixel_values, frames = self.preprocess(decoded, timer=timer)
@@ -227,6 +269,8 @@ class VideoPipeline:
                  timer: StageTimer | None = None, **generate_kwargs) -> PipelineOutput:
         """Run ``model.generate`` on prepared inputs; returns answers, new token ids and timings."""
         timer = timer or StageTimer(self.device)
+        # 2.5 or True must not reach generate() as a token budget
+        max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
         batch, prompt_len = inputs["input_ids"].shape
         self._check_context(prompt_len, max_new_tokens)
         kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False,
@@ -242,10 +286,11 @@ class VideoPipeline:
             if cache is not None:
                 kwargs[generate_cache_kwarg(self.model)] = cache
         probe = _ModelProbe(self.model, timer, lm=not self.compile)
+        generate = self.decoder if self.compile else self.model.generate
         with torch.inference_mode(), probe, timer.stage("model"):
-            out = self.model.generate(**inputs, streamer=streamer, **kwargs)
+            out = generate(**inputs, streamer=streamer, **kwargs)
         if self.compile:
-            stats = self.model.decoder.stats
+            stats = self.decoder.stats
             timer.add("prefill", stats["prefill_s"])
             timer.add("llm_decode", stats["llm_decode_s"], count=stats["steps"])
         sequences = out.sequences if hasattr(out, "sequences") else out
@@ -254,7 +299,7 @@ class VideoPipeline:
         texts = [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
         self.timings = summarise(timer, batch, new.shape[1])
         if self.compile:
-            self.timings["compile_s"] = self.model.decoder.stats["compile_s"]
+            self.timings["compile_s"] = self.decoder.stats["compile_s"]
         return PipelineOutput(texts=texts, sequences=new.cpu(), timings=self.timings)
 
     def __call__(self, videos, questions, *, start=None, end=None, max_new_tokens: int = 64,
@@ -262,6 +307,7 @@ class VideoPipeline:
         """Answer ``questions`` (one string for all, or one per video) about ``videos``."""
         if isinstance(videos, (str, os.PathLike)) or not isinstance(videos, Iterable):
             videos = [videos]
+        max_new_tokens = positive_int("max_new_tokens", max_new_tokens)  # before any decoding
         timer = StageTimer(self.device)
         inputs = self.prepare(videos, questions, start=start, end=end, timer=timer)
         return self.generate(inputs, max_new_tokens=max_new_tokens, streamer=streamer,
