@@ -27,10 +27,11 @@ _EXPORTS = {
     "VideoPipeline": "pipeline",
 }
 _SUBMODULES = {
-    "attention", "chat", "checks", "cli", "compat", "comparison", "config", "config_json",
-    "conversation", "dataset", "devices", "inputs", "jsonio", "kernels", "kv_cache", "kv_spec", "llm_decode", "loading", "merge",
-    "model", "ops", "original", "patching", "pipeline", "preflight", "preprocess", "profile",
-    "projector", "quantized_cache", "shapes", "static_cache", "testing", "timing", "video",
+    "attention", "chat", "checks", "cli", "comparison", "compat", "config", "config_json",
+    "conversation", "dataset", "devices", "inputs", "jsonio", "kernels", "kv_cache", "kv_spec",
+    "llm_decode", "loading", "merge", "model", "ops", "original", "patching", "pipeline",
+    "preflight", "preprocess", "profile", "projector", "quantized_cache", "shapes",
+    "static_cache", "testing", "timing", "video", "weight_quant",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -36,6 +36,7 @@ from .loading import (check_device_map, dispatch_model, fast_init, load_into, me
 from .merge import (merge_visual_tokens, repeat_videos_per_row, split_frames,
                     video_layout)
 from .projector import PllavaProjector, repeat_short_clips
+from .weight_quant import WeightSpec, check_weights, quantize_weights
 
 _VISION_ATTN = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 
@@ -95,7 +96,8 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def from_pretrained(cls, path, *, torch_dtype=None, dtype=None, attn_implementation: str = "sdpa",
                         lora_alpha: float = 4.0, device=None, device_map=None, max_memory=None,
                         kv_cache="model-dtype", kv_cache_options: dict | None = None,
-                        compile: bool = False, **config_overrides):
+                        compile: bool = False, weights=None, weight_options: dict | None = None,
+                        **config_overrides):
         """Load a PLLaVA checkpoint directory (config.json + weights, see ``loading.py``).
 
         Args:
@@ -117,6 +119,10 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
             compile: greedy ``generate()`` calls prefill eagerly into a static cache of the
                 ``kv_cache`` kind and run each decode step compiled (``llm_decode``; CUDA graphs
                 on GPU); sampling and beam search then raise (they need compile=False).
+            weights / weight_options: "int8" / "int4" weight-only LLM linears through torchao
+                (``weight_quant.WeightSpec``: group_size, lm_head, embeddings, vision,
+                projector); checked on the device first; "auto" dtype is then bf16 on CPU too
+                (torchao's fast CPU path).
             config_overrides: replace config fields (e.g. ``num_frames=4``, ``pooling_shape=...``).
         """
         # every argument is checked before the weights are read: a mistake fails in a moment,
@@ -136,9 +142,14 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
             raise ValueError(f"kv_cache={spec.kind!r} needs pllava-fast attention: "
                              f"attn_implementation one of {PLLAVA_ATTENTION}, got "
                              f"{attn_implementation!r}")
+        weight_spec = WeightSpec.of(weights, weight_options)
         path = os.fspath(path)
         config = PllavaConfig.from_pretrained(path, **config_overrides)
-        dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, device, config)
+        asked = dtype if dtype is not None else torch_dtype
+        dtype = resolve_dtype(asked, device, config)
+        if weight_spec is not None and asked in (None, "auto"):
+            dtype = torch.bfloat16
+        check_weights(weight_spec, device or "cpu", dtype)
         state = merge_lora(read_state_dict(path), lora_alpha=lora_alpha)
         with fast_init(dtype):
             model = cls(config, attn_implementation=attn_implementation)
@@ -158,6 +169,8 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
             model = dispatch_model(model, device_map, max_memory)
         elif device is not None:
             model = model.to(device)
+        if weight_spec is not None:
+            quantize_weights(model, weight_spec)
         if spec.quantized:
             install_attention(model, attn_implementation)
         model.kv_cache_spec = spec
@@ -184,6 +197,11 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, path, **_):
         """Write config.json, model.safetensors (PLLaVA's names) and generation_config.json."""
+        if getattr(self, "_weight_spec", None) is not None:
+            raise ValueError(f"a model with weights={self._weight_spec.kind!r} cannot be saved "
+                             "(torchao's quantized tensors are not safetensors): save the "
+                             "unquantized model and quantize at load time with "
+                             "from_pretrained(..., weights=...)")
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
         self.config.save_pretrained(path)

@@ -38,6 +38,7 @@ from .model import PllavaForConditionalGeneration
 from .preprocess import frames_to_pixel_values
 from .projector import PllavaProjector, VideoPooling, repeat_short_clips
 from .video.frames import DecodedVideo
+from .weight_quant import WeightSpec, check_weights, quantize_weights
 from .video.read import read_video
 
 __all__ = ["patch", "unpatch", "is_patched", "build_video_inputs"]
@@ -57,7 +58,8 @@ def is_patched(model) -> bool:
 
 def patch(model, *, pooling: bool = True, kv_cache="model-dtype", attention: str | None = "auto",
           pooling_shape: Sequence[int] | None = None, num_frames: int | None = None,
-          kv_cache_options: Mapping | None = None, compile: bool = False):
+          kv_cache_options: Mapping | None = None, compile: bool = False, weights=None,
+          weight_options: Mapping | None = None):
     """Install pllava-fast's projector, attention backend and KV cache in ``model``; return it.
 
     Args:
@@ -74,10 +76,17 @@ def patch(model, *, pooling: bool = True, kv_cache="model-dtype", attention: str
             "channel"); checked here (ValueError), rejected with "model-dtype".
         compile: on a PLLaVA model, greedy ``generate()`` runs the compiled static-cache loop
             (``pllava_fast.llm_decode``); not for a transformers Llava.
+        weights / weight_options: "int8" / "int4" weight-only LLM linears through torchao
+            (``weight_quant``), in place: unlike the rest, ``unpatch`` cannot undo it (the
+            float weights are gone; reload the model).
 
     Patching twice replaces the first patch; ``unpatch`` restores the original model.
     """
     spec = KVCacheSpec.of(kv_cache, kv_cache_options)
+    weight_spec = WeightSpec.of(weights, weight_options)
+    if weight_spec is not None:
+        param = next(model.parameters())
+        check_weights(weight_spec, param.device, param.dtype)
     if not isinstance(compile, bool):
         raise ValueError(f"compile must be True or False, got {compile!r}")
     if num_frames is not None:
@@ -112,6 +121,8 @@ def patch(model, *, pooling: bool = True, kv_cache="model-dtype", attention: str
                                  " a transformers Llava keeps its own generate()")
             _set(state, model, "kv_cache_spec", spec)
             _set(state, model, "compile_decode", True)
+        if weight_spec is not None:
+            quantize_weights(model, weight_spec)  # last: nothing after it can fail and unpatch
     except Exception:
         unpatch(model)
         raise

@@ -122,8 +122,12 @@ class VideoPipeline:
     def from_pretrained(cls, model_dir, *, device="cpu", dtype="auto", kv_cache="model-dtype",
                         attn_implementation: str | None = None, device_map=None,
                         max_memory=None, kv_cache_options: dict | None = None,
+                        weights=None, weight_options: dict | None = None,
                         **kwargs) -> "VideoPipeline":
         """Load ``model_dir`` (PLLaVA checkpoint layout + tokenizer) onto ``device``.
+
+        ``weights`` / ``weight_options``: weight-only int8 / int4 LLM (``weight_quant``), as
+        ``PllavaForConditionalGeneration.from_pretrained`` takes them.
 
         ``device_map`` ("auto", "balanced", "sequential" or a {module name: device} dict) splits the
         model over several devices with accelerate instead (e.g. the 34B model over GPUs);
@@ -140,7 +144,9 @@ class VideoPipeline:
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {str(device)!r}")
         if device_map is not None and device.type == "cpu" and torch.cuda.is_available():
             device = torch.device("cuda")  # the dtype of a split model follows its GPUs
-        load_kwargs = {"torch_dtype": resolve_dtype(dtype, device), "max_memory": max_memory}
+        resolve_dtype(dtype, device)  # checked now; the model resolves it (weights: bf16 on CPU)
+        load_kwargs = {"torch_dtype": dtype, "max_memory": max_memory, "weights": weights,
+                       "weight_options": weight_options}
         if device_map is not None:
             load_kwargs["device_map"] = device_map
         else:
