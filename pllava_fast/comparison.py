@@ -7,6 +7,7 @@ peak memory (CUDA) and an estimate of the videos that fit a memory budget, with 
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import statistics
@@ -18,7 +19,7 @@ from .config import PllavaConfig
 from .devices import resolve_dtype
 from .kv_spec import bytes_per_token
 from .model import PllavaForConditionalGeneration
-from .original import OriginalPipeline
+from .original import OriginalPipeline, decode_every_frame, original_decode
 from .pipeline import VideoPipeline
 from .shapes import SHAPES
 from .testing import build_tokenizer, make_clip, save_tiny_pllava
@@ -105,7 +106,12 @@ def compare(pipe: VideoPipeline, videos, *, question=QUESTION, max_new_tokens=16
             budget_gb=80.0, capacity_kv="int4", compiled: VideoPipeline | None = None) -> dict:
     """Run the original and ``pipe`` (and ``compiled``, the same model with compile=True, as a
     third column) ``repeats`` times, interleaved, after a warm-up (which also compiles)."""
-    original = OriginalPipeline(pipe)
+    # the original's decoder when it is installed; else the weaker baseline, labelled as such
+    if importlib.util.find_spec("decord") is not None:
+        decode, decode_name = original_decode, "decord 0.6.0 get_batch (the original)"
+    else:
+        decode, decode_name = decode_every_frame, "every frame with PyAV (decord not installed)"
+    original = OriginalPipeline(pipe, decode=decode)
     warm = min(max_new_tokens, 2)
     original(videos, question, max_new_tokens=warm)
     ours_pipes = {"ours": pipe, **({"compiled": compiled} if compiled is not None else {})}
@@ -163,7 +169,8 @@ def compare(pipe: VideoPipeline, videos, *, question=QUESTION, max_new_tokens=16
                     "baseline": n_base, "ours": n_ours,
                     "ratio": n_ours / n_base if n_base else None,
                     "baseline_bytes_per_video": per_base, "ours_bytes_per_video": per_ours})
-    return {"records": records, "same_tokens": bool(same["ours"]),
+    return {"records": records, "baseline_video_decode": decode_name,
+            "same_tokens": bool(same["ours"]),
             "same_tokens_compiled": same.get("compiled"), "baseline_runs": base_runs,
             "ours_runs": runs["ours"], "compiled_runs": runs.get("compiled"),
             "prompt_tokens": prompt_tokens}
