@@ -25,6 +25,13 @@ def positive_int(name: str, value, *, minimum: int = 1) -> int:
     return int(value)
 
 
+def power_of_two(name: str, value, *, minimum: int = 1) -> int:
+    """``value`` as an int that is a power of two >= ``minimum``, or ValueError naming ``name``."""
+    if not is_int(value) or int(value) < minimum or int(value) & (int(value) - 1):
+        raise ValueError(f"{name} must be a power of two >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def int_tuple(name: str, value, n: int, *, minimum: int = 1) -> tuple[int, ...]:
     """``value`` as a tuple of ``n`` ints >= ``minimum`` (e.g. pooling_shape), or ValueError."""
     try:
@@ -58,3 +65,46 @@ def one_of(name: str, value, choices: Sequence) -> object:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
+
+
+def flag(name: str, value) -> bool:
+    """``value`` if it is a bool (numpy's too), else ValueError: ``"no"`` or ``2`` are not flags."""
+    if isinstance(value, bool) or type(value).__name__ in ("bool_", "bool"):  # numpy 1 / 2
+        return bool(value)
+    raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def host_memory_available() -> int | None:
+    """Bytes of host memory available now (Linux MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+# below this many bytes an allocation is not checked: the check itself would cost more than the
+# few calls that could fail
+_CHECKED_BYTES = 1 << 28
+
+
+def allocation(what: str, nbytes: int, device=None) -> None:
+    """ValueError when an op is about to allocate ``nbytes`` on ``device`` (a torch.device or
+    None for the host) and they are not there: e.g. a pooling_shape of (1000, 1000, 1000) asks for
+    tens of GiB, which must be a message naming the argument, not an allocator failure after a
+    minute of swapping. Small allocations pass unchecked."""
+    if nbytes < _CHECKED_BYTES:
+        return
+    available = None
+    if device is not None and getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        available = torch.cuda.mem_get_info(device)[0]
+    elif device is None or getattr(device, "type", "cpu") == "cpu":
+        available = host_memory_available()
+    if available is not None and nbytes > available:
+        raise ValueError(f"{what} would allocate {nbytes / 2**30:.1f} GiB, but only "
+                         f"{available / 2**30:.1f} GiB of memory is available")

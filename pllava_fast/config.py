@@ -7,12 +7,15 @@ LlavaConfig, which reads the same file and ignores the pooling fields).
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
+from transformers.activations import ACT2FN
 
-from .checks import int_tuple, positive_int
+from .checks import flag, int_tuple, is_int, positive_int
+from .kernels.adaptive import ACTIVATIONS
 from .config_json import read_config_json
 
 # clip-vit-large-patch14-336, the tower of every released PLLaVA
@@ -21,6 +24,8 @@ _DEFAULT_VISION = dict(
     image_size=336, num_hidden_layers=24, num_attention_heads=16, projection_dim=768,
 )
 _DEFAULT_TEXT = dict(model_type="llama")
+# what PretrainedConfig itself takes (output_hidden_states, torch_dtype, architectures, ...)
+_BASE_FIELDS = frozenset(PretrainedConfig().to_dict())
 
 
 def _sub_config(value, defaults: dict) -> PretrainedConfig:
@@ -79,17 +84,19 @@ class PllavaConfig(PretrainedConfig):
         self.vision_config = _sub_config(vision_config, _DEFAULT_VISION)
         self.text_config = _sub_config(text_config, _DEFAULT_TEXT)
         self.ignore_index = ignore_index
-        self.image_token_index = int(image_token_index)
+        # ids and sizes are checked, not truncated: 1.5 or True must not become 1
+        self.image_token_index = positive_int("image_token_index", image_token_index, minimum=0)
         self.projector_hidden_act = projector_hidden_act
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.vision_feature_layer = vision_feature_layer
-        self.vocab_size = int(vocab_size if vocab_size is not None else self.text_config.vocab_size)
+        self.vocab_size = positive_int(
+            "vocab_size", vocab_size if vocab_size is not None else self.text_config.vocab_size)
         self.pooling_method = pooling_method
-        # checked, not truncated: (2.5, 2, 2) or (True, 2, 2) must not become (2, 2, 2) / (1, 2, 2)
+        # (2.5, 2, 2) or (True, 2, 2) must not become (2, 2, 2) / (1, 2, 2)
         self.pooling_shape = list(int_tuple("pooling_shape", pooling_shape, 3))
         self.frame_shape = list(int_tuple("frame_shape", frame_shape, 2))
         self.num_frames = positive_int("num_frames", num_frames)
-        self.use_pooling = bool(use_pooling)
+        self.use_pooling = flag("use_pooling", use_pooling)
         if pad_token_id is None:
             pad_token_id = getattr(self.text_config, "pad_token_id", None)
         self.pad_token_id = pad_token_id
@@ -110,6 +117,14 @@ class PllavaConfig(PretrainedConfig):
                 f"frame_shape {tuple(self.frame_shape)} does not match the vision tower's patch grid "
                 f"{grid}x{grid} (image_size {self.vision_config.image_size} / patch_size "
                 f"{self.vision_config.patch_size})")
+        layers = self.vision_config.num_hidden_layers
+        k = self.vision_feature_layer
+        if not is_int(k) or not -(layers + 1) <= k <= layers:
+            raise ValueError(f"vision_feature_layer must be an int in [{-(layers + 1)}, {layers}] "
+                             f"for a {layers}-layer vision tower, got {k!r}")
+        if self.projector_hidden_act not in ACTIVATIONS and self.projector_hidden_act not in ACT2FN:
+            raise ValueError(f"projector_hidden_act {self.projector_hidden_act!r} is not an "
+                             f"activation: expected one of {sorted(set(ACTIVATIONS) | set(ACT2FN))}")
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(
                 f"unexpected vision_feature_select_strategy {self.vision_feature_select_strategy!r}")
@@ -136,6 +151,13 @@ class PllavaConfig(PretrainedConfig):
         data.pop("model_type", None)
         if "image_token_id" in data:  # transformers' LlavaConfig alias
             data.setdefault("image_token_index", data.pop("image_token_id"))
+        known = set(inspect.signature(cls.__init__).parameters) | set(data) | _BASE_FIELDS
+        unknown = sorted(set(overrides) - known - {"self", "kwargs"})
+        if unknown:
+            # PretrainedConfig keeps any keyword as an attribute: a typo (num_frame=8) would be
+            # ignored silently and the model run with its own value
+            raise ValueError(f"unknown config override(s) {unknown} for {file}: expected PllavaConfig "
+                             "fields (num_frames, pooling_shape, ...) or keys of its config.json")
         data.update(overrides)
         try:
             return cls(**data)

@@ -10,10 +10,12 @@ error row ``{"video": ..., "ok": false, "error": ...}`` and the run goes on.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import json
 import os
+import stat
 from typing import Iterator
 
 import torch
@@ -28,11 +30,20 @@ def part_path(output: str, rank: int) -> str:
     return f"{output}.part-{rank:05d}.jsonl"
 
 
+def _regular(path: str) -> None:
+    """A row file must be a regular file: a device (a link to /dev/zero or /dev/full) would be
+    read without end, and a merge would replace it."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{path} is not a regular file: rows are written to and read from "
+                         "regular files only")
+
+
 def read_rows(path: str) -> list[dict]:
     """The complete rows of a JSONL file; a torn or garbled line (a killed writer) is skipped."""
     rows = []
     if not os.path.exists(path):
         return rows
+    _regular(path)
     with open(path, "rb") as f:
         for raw in f:
             if not raw.endswith(b"\n"):
@@ -64,22 +75,34 @@ class OutputLocked(RuntimeError):
 class RowWriter:
     """Appends rows to one JSONL file, one flushed line each (durable against a killed process).
 
-    Opening takes an exclusive lock on the file (``OutputLocked`` at once when another run holds
-    it), then truncates a torn last line left by a previous crash, so appended rows start on a
-    line of their own. A failed write (a full disk) raises OSError naming the file; the rows
-    before it stay complete.
+    Opening takes an exclusive lock on ``<path>.lock`` (``OutputLocked`` at once when another
+    run holds it), then truncates a torn last line left by a previous crash, so appended rows
+    start on a line of their own. A failed write (a full disk) raises OSError naming the file;
+    the rows before it stay complete.
     """
 
     def __init__(self, path: str):
         self.path = path
+        self.failed = False  # a write failed: close() must not raise a second, unnamed error
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.file = open(path, "a", encoding="utf-8")
+        # a POSIX record lock on a file of its own: unlike flock it is not inherited by the
+        # DataLoader workers this process forks (a killed run's orphaned workers would hold it),
+        # and it dies with the process
+        self.lock = open(path + ".lock", "a")
         try:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.close()
-            raise OutputLocked(f"{path} is locked by another caption run on the same --output: "
-                               "wait for it to finish or choose another --output") from None
+            fcntl.lockf(self.lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.lock.close()
+            raise OutputLocked(f"{path} is locked by another caption run on the same --output "
+                               f"({path}.lock): wait for it to finish or choose another "
+                               "--output") from None
+        if os.path.exists(path):
+            try:
+                _regular(path)
+            except ValueError:
+                self.lock.close()
+                raise
+        self.file = open(path, "a", encoding="utf-8")
         with open(path, "rb") as f:
             data = f.read()
         keep = data.rfind(b"\n") + 1
@@ -91,13 +114,27 @@ class RowWriter:
             self.file.write(jsonio.dumps(row) + "\n")
             self.file.flush()
         except OSError as exc:
+            self.failed = True
             raise OSError(exc.errno, f"{self.path}: cannot write a row ({exc.strerror})") from None
 
     def close(self):
-        if not self.file.closed:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
+        """Flush, fsync and close; after a failed write only close (the error was raised once,
+        naming the file: a second one from the same full disk must not replace it)."""
+        if self.file.closed:
+            return
+        try:
+            if not self.failed:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+        except OSError as exc:
+            raise OSError(exc.errno, f"{self.path}: cannot write the last rows "
+                                     f"({exc.strerror})") from None
+        finally:
+            try:
+                self.file.close()
+            except OSError:
+                pass  # the rows that could not be written were reported above
+            self.lock.close()  # releases the lock; the empty .lock file may stay
 
 
 def merge(output: str, items: list[dict]) -> tuple[int, int]:
@@ -105,17 +142,24 @@ def merge(output: str, items: list[dict]) -> tuple[int, int]:
     done = done_rows(output)
     tmp = f"{output}.tmp-{os.getpid()}"
     rows = missing = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for item in items:
-            row = done.get(item["video"])
-            if row is None:
-                missing += 1
-                continue
-            f.write(jsonio.dumps(row) + "\n")
-            rows += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, output)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for item in items:
+                row = done.get(item["video"])
+                if row is None:
+                    missing += 1
+                    continue
+                f.write(jsonio.dumps(row) + "\n")
+                rows += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        # the parts stay: a rerun merges them again
+        raise OSError(exc.errno, f"{output}: cannot write the merged captions ({exc.strerror}); "
+                                 "the part files are kept") from None
     return rows, missing
 
 
@@ -133,6 +177,10 @@ class _VideoDataset:
     def __getitem__(self, i):
         item = dict(self.items[i])
         try:
+            path = item["video"]
+            if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
+                # a FIFO or a device would block the decoder (or never end)
+                raise ValueError(f"{path} is not a regular file (a device, FIFO or socket)")
             video = read_video(item["video"], num_frames=self.num_frames,
                                start=item.get("start"), end=item.get("end"))
             item["frames"] = len(video)

@@ -3,6 +3,7 @@ each torchrun rank, and the videos a profile covers."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Iterable
@@ -24,28 +25,54 @@ def list_inputs(spec: str) -> list[dict]:
                       if os.path.splitext(f)[1].lower() in MEDIA_EXTENSIONS]
         return [{"video": p} for p in sorted(found)]
     if not os.path.isfile(spec):
+        if os.path.exists(spec):
+            raise ValueError(f"--input {spec} is neither a folder nor a regular list file")
         raise FileNotFoundError(f"--input not found: {spec} (expected a folder or a list file)")
     base = os.path.dirname(os.path.abspath(spec))
     items = []
-    with open(spec, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if line.startswith("{"):
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{spec}:{lineno}: bad JSON line ({exc})") from None
-                if "video" not in item:
-                    raise ValueError(f"{spec}:{lineno}: JSON line has no 'video' field")
-                item = {k: item[k] for k in ("video", "start", "end") if item.get(k) is not None}
-            else:
-                item = {"video": line}
-            if not os.path.isabs(item["video"]):
-                item["video"] = os.path.join(base, item["video"])
-            items.append(item)
+    try:
+        with open(spec, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--input {spec} is not a UTF-8 text list ({exc.reason} at byte "
+                         f"{exc.start})") from None
+    for lineno, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{spec}:{lineno}"
+        if line.startswith("{"):
+            try:
+                # NaN / Infinity are not JSON: a strict parse, so a time never becomes NaN
+                item = json.loads(line, parse_constant=_no_constant)
+            except (json.JSONDecodeError, ValueError) as exc:
+                raise ValueError(f"{where}: bad JSON line ({exc})") from None
+            if not isinstance(item, dict) or "video" not in item:
+                raise ValueError(f"{where}: JSON line has no 'video' field")
+            item = {k: item[k] for k in ("video", "start", "end") if item.get(k) is not None}
+        else:
+            item = {"video": line}
+        if not isinstance(item["video"], str) or not item["video"]:
+            raise ValueError(f"{where}: 'video' must be a non-empty path string, got "
+                             f"{item['video']!r}")
+        _check_times(where, item.get("start"), item.get("end"))
+        if not os.path.isabs(item["video"]):
+            item["video"] = os.path.join(base, item["video"])
+        items.append(item)
     return items
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a number")
+
+
+def _check_times(where: str, start, end) -> None:
+    for name, t in (("start", start), ("end", end)):
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))
+                              or not math.isfinite(t) or t < 0):
+            raise ValueError(f"{where}: {name} must be a finite time >= 0 seconds, got {t!r}")
+    if start is not None and end is not None and end <= start:
+        raise ValueError(f"{where}: end ({end} s) must be after start ({start} s)")
 
 
 def dedupe(items: Iterable[dict]) -> list[dict]:
@@ -65,18 +92,32 @@ def shard(items: list[dict], rank: int, world_size: int) -> list[dict]:
     return items[rank::world_size]
 
 
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer (torchrun sets it), got {name}={raw!r}") from None
+
+
 def dist_env() -> tuple[int, int]:
     """(rank, world size) from torchrun's RANK / WORLD_SIZE environment (default 0, 1)."""
-    try:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    except ValueError:
-        raise ValueError(f"RANK/WORLD_SIZE must be integers, got RANK={os.environ.get('RANK')!r} "
-                         f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}") from None
+    rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     if world < 1:
         raise ValueError(f"WORLD_SIZE must be >= 1, got {world}")
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world} (expected 0..{world - 1})")
     return rank, world
+
+
+def local_rank(default: int) -> int:
+    """This process's GPU slot on its node, torchrun's LOCAL_RANK (``default`` when unset)."""
+    rank = _env_int("LOCAL_RANK", default)
+    if rank < 0:
+        raise ValueError(f"LOCAL_RANK must be >= 0, got {rank}")
+    return rank
 
 
 def _is_single_video(obj) -> bool:
@@ -108,6 +149,8 @@ def expand_sources(videos) -> list:
                 raise ValueError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) or "
                                  f"image frames in folder {p}")
         elif not p.exists():
+            if p.is_symlink():
+                raise ValueError(f"video {p}: a symbolic link loop or a link to nothing")
             raise FileNotFoundError(f"video not found: {p}")
         else:
             out.append(p)

@@ -27,6 +27,16 @@ def _default(obj):
 
 
 def dumps(obj, **kwargs) -> str:
-    """``json.dumps`` of ``finite(obj)``, strict (``allow_nan=False``), UTF-8 kept as text."""
+    """``json.dumps`` of ``finite(obj)``, strict (``allow_nan=False``), UTF-8 kept as text.
+
+    A path with bytes that are not UTF-8 (Python holds them as lone surrogates) cannot be
+    written as UTF-8 text: such a line is written with ASCII escapes instead (``"\\udcff"``), which
+    reads back as the same str, so the row still matches its input path."""
     kwargs.setdefault("ensure_ascii", False)
-    return json.dumps(finite(obj), allow_nan=False, default=_default, **kwargs)
+    text = json.dumps(finite(obj), allow_nan=False, default=_default, **kwargs)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        kwargs["ensure_ascii"] = True
+        text = json.dumps(finite(obj), allow_nan=False, default=_default, **kwargs)
+    return text

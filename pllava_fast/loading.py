@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 import re
 from typing import Iterable
@@ -26,7 +25,9 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from .checks import finite_float
 from .compat import no_init_weights
+from .config_json import index_shards
 
 # benign extras in old checkpoints: buffers the modules recompute
 _IGNORED = re.compile(r"(\.position_ids|\.rotary_emb\.inv_freq)$")
@@ -52,8 +53,7 @@ def weight_files(path: str) -> list[str]:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = os.path.join(path, index)
         if os.path.isfile(index_path):
-            with open(index_path, encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            shards = index_shards(index_path)
             files = [os.path.join(path, s) for s in shards]
             absent = [f for f in files if not os.path.isfile(f)]
             if absent:
@@ -106,6 +106,8 @@ def merge_lora(state: dict[str, Tensor], lora_alpha: float = 4.0) -> dict[str, T
 
     ``W += (lora_alpha / r) * B @ A`` computed and returned in (at least) fp32; r = A.shape[0].
     """
+    # checked before any tensor is touched: a NaN alpha would silently make every merged weight NaN
+    lora_alpha = finite_float("lora_alpha", lora_alpha)
     plain: dict[str, Tensor] = {}
     lora: dict[str, dict[str, Tensor]] = {}
     for name, tensor in state.items():
@@ -124,7 +126,7 @@ def merge_lora(state: dict[str, Tensor], lora_alpha: float = 4.0) -> dict[str, T
             raise CheckpointError(
                 f"LoRA shapes do not fit {target}: base {tuple(w.shape)}, lora_A {tuple(a.shape)}, "
                 f"lora_B {tuple(b.shape)}")
-        scale = float(lora_alpha) / a.shape[0]
+        scale = lora_alpha / a.shape[0]
         # kept in at least fp32: the copy into the model rounds once, to the model's dtype
         merged = w.float() + scale * (b.float() @ a.float())
         plain[target] = merged.to(torch.promote_types(w.dtype, torch.float32))

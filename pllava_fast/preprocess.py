@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .checks import positive_int
+from .devices import check_device
 from .ops.frames import CLIP_MEAN, CLIP_STD
 
 __all__ = ["frames_to_pixel_values", "pllava_geometry"]
@@ -54,6 +56,8 @@ def pllava_geometry(sizes: Sequence[tuple[int, int]], image_size: int = 336,
     Returns:
         One 11-tuple per video: (h1, w1, top1, left1, hc, wc, h2, w2, top2, left2, image_size).
     """
+    image_size = positive_int("image_size", image_size)
+    max_long_edge = positive_int("max_long_edge", max_long_edge)
     sizes = [(int(h), int(w)) for h, w in sizes]
     if not sizes or any(h <= 0 or w <= 0 for h, w in sizes):
         raise ValueError(f"sizes must be non-empty (height, width) pairs, got {sizes}")
@@ -167,8 +171,12 @@ def frames_to_pixel_values(
         joint_geometry: for a list of videos, share one short edge and aspect ratio across all of
             them (one PllavaProcessor call on the list). The default processes each video as its
             own call, as PLLaVA's demo and evaluation do.
+
+    A bad argument is a ValueError naming it (and, for frames, the shape and dtype as given).
     """
-    device = torch.device(device)
+    device = check_device(device)
+    image_size = positive_int("image_size", image_size)
+    max_long_edge = positive_int("max_long_edge", max_long_edge)
     if _is_decoded_video(frames):
         videos = [frames]
     elif isinstance(frames, (list, tuple)) and frames and all(map(_is_decoded_video, frames)):

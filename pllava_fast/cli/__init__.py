@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from .common import EXIT_USAGE, add_debug_argument, run_command
+from .common import EXIT_INTERRUPTED, EXIT_USAGE, add_debug_argument, run_command
 
 SUBCOMMANDS = {
     "demo": ("pllava_fast.cli.demo", "run the whole pipeline on a generated clip with a tiny model"),
@@ -47,18 +48,36 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-    parser = build_parser(command) if command else build_parser(command="")
+    code = _main(argv)
+    if code == EXIT_INTERRUPTED and argv is None:
+        # a real process (the console script, ``python -m pllava_fast``): exit 130 now. CPython
+        # marks a KeyboardInterrupt that passed through C code running Python (imports of C
+        # extensions do) as unhandled even once it is caught, and then kills itself with SIGINT
+        # at exit, which would replace the documented exit code at random
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    return code
+
+
+def _main(argv) -> int:
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: 2 on bad arguments (one usage line), 0 for --help
+        argv = list(sys.argv[1:] if argv is None else argv)
+        command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+        parser = build_parser(command) if command else build_parser(command="")
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # argparse: 2 on bad arguments (one usage line), 0 for --help
+            return int(exc.code or 0)
+        module = getattr(args, "_module", None)
+        if module is None:
+            parser.error(f"a command is required: one of {', '.join(SUBCOMMANDS)}")
+        return run_command(module, args)
+    except SystemExit as exc:
         return int(exc.code or 0)
-    module = getattr(args, "_module", None)
-    if module is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    return run_command(module, args)
+    except KeyboardInterrupt:  # before run_command took over (parsing, importing the command)
+        print("interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -16,8 +16,11 @@ from .. import jsonio, preflight
 from ..kv_spec import CACHE_KINDS
 from ..shapes import SHAPES
 from .common import (UsageError, add_max_new_tokens_argument, add_model_argument,
-                     add_num_frames_argument, add_runtime_arguments, check_fit, device_of,
-                     kv_cache_spec, positive)
+                     add_num_frames_argument, add_runtime_arguments, check_context_fit,
+                     check_memory_fit, check_prompt, device_of, kv_cache_spec, positive,
+                     tiny_info)
+
+QUESTION = "Describe the video in detail."  # comparison.QUESTION, the prompt compare() times
 
 
 def configure_parser(parser: argparse.ArgumentParser):
@@ -50,15 +53,43 @@ def check(args) -> None:
         raise UsageError("--batch-size is for the default clip: with --video, give one --video "
                          "per video of the batch")
     args.kv_spec = kv_cache_spec(args)
+    headers = []
     for v in args.video or []:
-        preflight.video_header(v)
-    info = preflight.checkpoint(args.model) if args.model is not None else None
+        header = preflight.video_header(v)
+        if header.image or header.folder:
+            # the original pipeline reads with decord, which takes video files only
+            raise UsageError(f"--video {v}: bench needs a video file, not "
+                             f"{'an image' if header.image else 'a folder of frames'}")
+        headers.append(header)
+    if args.model is not None:
+        info = preflight.checkpoint(args.model)
+    elif args.shape in SHAPES:  # random weights of a named shape: its widths say it all
+        info = preflight.shape_info(args.shape, SHAPES[args.shape])
+    else:  # comparison's tiny model (16 frames); checked again once built (_check_built)
+        info = tiny_info("--shape tiny", num_frames=16, pooling_shape=(16, 2, 2))
+    check_context_fit(info, prompt=check_prompt("the bench question", QUESTION), pooling=None,
+                      max_new_tokens=args.max_new_tokens)
     args.device = device_of(args)
-    if info is not None and args.video:
-        check_fit(info, headers=[preflight.video_header(v) for v in args.video],
-                  num_frames=args.num_frames, pooling=None, prompt="Describe the video in detail.",
-                  max_new_tokens=args.max_new_tokens, batch_size=len(args.video),
-                  device=args.device, dtype=args.dtype)
+    batch = len(headers) or args.batch_size
+    check_memory_fit(info, headers=headers, num_frames=args.num_frames, batch_size=batch,
+                     device=args.device, dtype=args.dtype)
+
+
+def _check_built(pipe, args, videos) -> None:
+    """What ``check`` could not know before the tiny model was built: its context and the
+    visual stage of the batch (the default clip included), before any timed run."""
+    model = args.model or f"--shape {args.shape}"
+    try:
+        pipe.check_context([QUESTION], args.max_new_tokens)
+    except ValueError as exc:
+        raise UsageError(f"{exc} ({model})") from None
+    headers = [preflight.video_header(v) for v in dict.fromkeys(videos)]
+    info = preflight.config_info(pipe.model.config, model)
+    try:
+        check_memory_fit(info, headers=headers, num_frames=args.num_frames,
+                         batch_size=len(videos), device=args.device, dtype=args.dtype)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def run(args) -> int:
@@ -69,6 +100,7 @@ def run(args) -> int:
         t0 = time.perf_counter()
         pipe = build_pipeline(args.model, shape=args.shape, device=args.device, dtype=args.dtype,
                               num_frames=args.num_frames, kv_cache=args.kv_spec)
+        _check_built(pipe, args, videos)
         result = compare(pipe, videos, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
                          budget_gb=args.budget_gb, capacity_kv=args.capacity_kv)
         result["setup_s"] = time.perf_counter() - t0

@@ -18,15 +18,17 @@ arguments or inputs, found before the model loads; 3 the run itself failed; 130 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
 
 from .. import jsonio, preflight
-from ..inputs import dedupe, dist_env, list_inputs, shard
+from ..inputs import dedupe, dist_env, list_inputs, local_rank, shard
 from .common import (EXIT_OK, EXIT_SOME_FAILED, UsageError, add_device_arguments,
                      add_kv_cache_arguments, add_max_new_tokens_argument, add_model_argument,
-                     add_num_frames_argument, check_fit, device_of, finite_times, kv_cache_spec,
-                     one_line, parse_pooling, positive)
+                     add_num_frames_argument, check_context_fit, check_memory_fit, check_prompt,
+                     device_of, finite_times, kv_cache_spec, one_line, parse_pooling, positive,
+                     start_within)
 
 DEFAULT_PROMPT = "Describe the video in detail."
 
@@ -60,16 +62,21 @@ def configure_parser(parser: argparse.ArgumentParser):
                         help="tqdm progress bar on stderr (default: when stderr is a terminal)")
 
 
+# DataLoader decode workers: each is a process holding decoded videos; far more than the cores
+# only thrashes (and 100000 would fork until the machine stops)
+MAX_WORKERS = max(8, 4 * (os.cpu_count() or 1))
+
+
 def check(args) -> None:
     """Every argument and input, before torch or the model loads."""
     positive("--batch-size", args.batch_size)
     positive("--max-new-tokens", args.max_new_tokens)
     positive("--num-frames", args.num_frames)
-    positive("--workers", args.workers, minimum=0)
+    positive("--workers", args.workers, minimum=0, maximum=MAX_WORKERS)
     finite_times(args.start, args.end)
     args.pooling_shape = parse_pooling(args.pooling)
     args.kv_spec = kv_cache_spec(args)
-    preflight.utf8("--prompt", args.prompt)
+    prompt = check_prompt("--prompt", args.prompt)
     if args.input and not args.output:
         raise UsageError("--input needs --output (the captions JSONL)")
     if args.output and not args.input and not args.videos:
@@ -77,6 +84,8 @@ def check(args) -> None:
     if args.stream and (args.batch_size > 1 or args.output):
         raise UsageError("--stream prints one video at a time: not with --batch-size > 1 or "
                          "--output")
+    if args.output:
+        _check_output(args.output)
     info = preflight.checkpoint(args.model)
     args.rank, args.world = dist_env()
     items = [{"video": v} for v in args.videos]
@@ -97,20 +106,55 @@ def check(args) -> None:
             print(f"note: {len(items) - len(unique)} duplicate input(s) skipped: a dataset row is "
                   "keyed by its video path", file=sys.stderr)
         items = unique
-        out_dir = os.path.dirname(os.path.abspath(args.output)) or "."
-        if not os.path.isdir(out_dir):
-            raise UsageError(f"--output {args.output}: folder {out_dir} does not exist")
+        headers = _readable_headers(items[:8])
     else:
-        # direct mode: a path that does not exist is a bad argument; one that FFmpeg cannot read
-        # becomes an error row beside the others' captions
-        for item in items:
-            if not os.path.exists(item["video"]):
-                raise UsageError(f"video not found: {item['video']}")
+        headers = _direct_headers(items, args.start)
     args.items = items
-    args.device = device_of(args, int(os.environ.get("LOCAL_RANK", args.rank)))
-    check_fit(info, headers=_readable_headers(items[:8]), num_frames=args.num_frames,
-              pooling=args.pooling_shape, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-              batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    check_context_fit(info, prompt=prompt, pooling=args.pooling_shape,
+                      max_new_tokens=args.max_new_tokens)
+    args.device = device_of(args, local_rank(args.rank))
+    check_memory_fit(info, headers=headers, num_frames=args.num_frames,
+                     batch_size=min(args.batch_size, len(items)), device=args.device,
+                     dtype=args.dtype)
+
+
+def _check_output(output: str) -> None:
+    if os.path.isdir(output):
+        raise UsageError(f"--output {output} is a folder: give the captions file to write "
+                         "(its part files go beside it)")
+    # the merge replaces --output and every part is read whole: a device there (a link to
+    # /dev/zero or /dev/full) would be read without end or replaced
+    for path in [output] + glob.glob(glob.escape(output) + ".part-*.jsonl"):
+        if os.path.lexists(path):
+            preflight.check_path(path, "--output file" if path == output else "part file",
+                                 folder=False)
+    out_dir = os.path.dirname(os.path.abspath(output)) or "."
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"--output {output}: folder {out_dir} does not exist")
+    if not os.access(out_dir, os.W_OK):
+        raise UsageError(f"--output {output}: folder {out_dir} is not writable")
+
+
+def _direct_headers(items, start):
+    """Direct mode: a path that is missing, a link loop, a folder without frames or not a file
+    is a bad argument (exit 2); one FFmpeg cannot read becomes an error row beside the others'
+    captions, unless no input is readable at all (then nothing would run: exit 2 too)."""
+    headers, unreadable = [], None
+    for item in items:
+        path = item["video"]
+        preflight.check_path(path, "video")
+        try:
+            header = preflight.video_header(path)
+        except ValueError as exc:
+            if os.path.isdir(path):
+                raise UsageError(str(exc)) from None
+            unreadable = unreadable or exc
+            continue
+        start_within(header, item.get("start", start))
+        headers.append(header)
+    if not headers:
+        raise UsageError(f"no input is a readable video: {unreadable}")
+    return headers
 
 
 def _readable_headers(items):

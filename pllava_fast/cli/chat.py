@@ -13,8 +13,9 @@ import sys
 
 from .. import jsonio, preflight
 from .common import (add_device_arguments, add_kv_cache_arguments, add_max_new_tokens_argument,
-                     add_model_argument, add_num_frames_argument, check_fit, device_of,
-                     finite_times, kv_cache_spec, one_line, positive)
+                     add_model_argument, add_num_frames_argument, check_context_fit,
+                     check_memory_fit, check_prompt, device_of, finite_times, kv_cache_spec,
+                     one_line, positive, start_within)
 
 
 def configure_parser(parser: argparse.ArgumentParser):
@@ -35,19 +36,19 @@ def configure_parser(parser: argparse.ArgumentParser):
 
 
 def check(args) -> None:
-    from ..conversation import build_prompt
-
     positive("--num-frames", args.num_frames)
     positive("--max-new-tokens", args.max_new_tokens)
     finite_times(args.start, args.end)
     args.kv_spec = kv_cache_spec(args)
-    first_turn = build_prompt("", template=args.template)  # unknown templates fail here
+    first_turn = check_prompt("--template", "", template=args.template)  # unknown ones fail here
     info = preflight.checkpoint(args.model)
-    preflight.video_header(args.video)
+    header = preflight.video_header(args.video)
+    start_within(header, args.start)
+    check_context_fit(info, prompt=first_turn, pooling=None, max_new_tokens=args.max_new_tokens,
+                      what="the conversation")
     args.device = device_of(args)
-    check_fit(info, headers=[preflight.video_header(args.video)], num_frames=args.num_frames,
-              pooling=None, prompt=first_turn, max_new_tokens=args.max_new_tokens, batch_size=1,
-              device=args.device, dtype=args.dtype, what="the conversation")
+    check_memory_fit(info, headers=[header], num_frames=args.num_frames, batch_size=1,
+                     device=args.device, dtype=args.dtype)
 
 
 def run(args) -> int:

@@ -36,7 +36,10 @@ def debug_enabled(args=None) -> bool:
 def one_line(exc: BaseException) -> str:
     """An exception as one line: its message with line breaks folded (e.g. a checkpoint's list
     of missing keys), or its type when it has no message."""
-    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.strerror:  # not "[Errno 28] ...": the file, then why
+        text = exc.strerror if exc.filename is None else f"{exc.filename}: {exc.strerror}"
+    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
     return text or type(exc).__name__
 
 
@@ -155,10 +158,12 @@ def kv_cache_spec(args) -> KVCacheSpec:
 
 
 # -- checks shared by the commands (cheap: no model, torch only for the device) -----------------
-def positive(name: str, value, minimum: int = 1):
-    """A UsageError unless the int flag ``name`` is >= ``minimum`` (None passes)."""
+def positive(name: str, value, minimum: int = 1, maximum: int | None = None):
+    """A UsageError unless the int flag ``name`` is in [``minimum``, ``maximum``] (None passes)."""
     if value is not None and value < minimum:
         raise UsageError(f"{name} must be >= {minimum}, got {value}")
+    if value is not None and maximum is not None and value > maximum:
+        raise UsageError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -169,6 +174,13 @@ def finite_times(start, end) -> None:
             raise UsageError(f"{name} must be a finite time >= 0 seconds, got {t}")
     if start is not None and end is not None and end <= start:
         raise UsageError(f"--end ({end} s) must be after --start ({start} s)")
+
+
+def start_within(header, start) -> None:
+    """--start past the end of a video whose header gives its duration: a UsageError naming it."""
+    if start is not None and header.duration is not None and start >= header.duration:
+        raise UsageError(f"--start {start:g} s is past the end of {header.path} "
+                         f"({header.duration:.3f} s long)")
 
 
 def parse_pooling(spec):
@@ -185,6 +197,21 @@ def parse_pooling(spec):
     return shape
 
 
+def check_prompt(name: str, text: str, template: str = "plain") -> str:
+    """The whole prompt ``text`` becomes (``conversation.build_prompt``), for counting its tokens:
+    a UsageError when ``text`` is not UTF-8 or the prompt would not hold exactly one video token
+    (a question may place ``<image>`` itself, once)."""
+    from ..conversation import IMAGE_TOKEN, build_prompt
+    from ..preflight import utf8
+
+    utf8(name, text)
+    prompt = build_prompt(text, template=template)
+    if prompt.count(IMAGE_TOKEN) != 1:
+        raise UsageError(f"{name} holds {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} tokens: the prompt "
+                         f"needs exactly one (the template adds it when the text has none)")
+    return prompt
+
+
 def device_of(args, local_rank: int | None = None) -> str:
     """--device checked against this machine (imports torch: call it after the cheap checks).
     Without --device: cuda when available (``cuda:<local_rank % GPUs>`` under torchrun), else cpu."""
@@ -196,27 +223,72 @@ def device_of(args, local_rank: int | None = None) -> str:
 
         device = f"cuda:{local_rank % torch.cuda.device_count()}"
     try:
-        return str(check_device(device))
+        checked = check_device(device)
     except ValueError as exc:
         raise UsageError(f"--device: {exc}") from None
+    if checked.type not in ("cpu", "cuda"):  # "meta" holds no data: nothing could run there
+        raise UsageError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    return str(checked)
 
 
-def check_fit(info, *, headers, num_frames, pooling, prompt, max_new_tokens, batch_size, device,
-              dtype, what="the prompt") -> None:
-    """The run's context and memory against the model's config and this machine: prompt +
-    visual tokens + new tokens within the LM's positions; the visual stage of one batch (the
-    largest of the videos' ``preflight.VideoHeader``s) within the available memory."""
+# the tiny random model of ``testing.save_tiny_pllava`` (its TINY_DEFAULTS; a test holds the two
+# equal), for the checks of the commands that write one (demo, bench, make-tiny) before they do
+TINY = dict(num_frames=4, pooling_shape=(4, 2, 2), image_size=56, patch_size=14, vision_hidden=32,
+            vision_layers=3, text_hidden=64, text_layers=2, max_positions=4096)
+
+
+def tiny_info(path: str, **overrides):
+    """A ``preflight.CheckpointInfo`` of the tiny model (no tokenizer: prompt tokens unknown)."""
+    from ..preflight import CheckpointInfo
+
+    return CheckpointInfo(path=path, tokenizer_file=None, **{**TINY, **overrides})
+
+
+def _elem_bytes(dtype: str, device, info) -> int:
+    from ..devices import DTYPE_NAMES
+
+    on_host = not str(device).startswith("cuda")
+    if dtype == "checkpoint" and info is not None and info.dtype is not None:
+        name = DTYPE_NAMES.get(str(info.dtype).replace("torch.", ""))
+        if name is None:
+            raise UsageError(f"--dtype checkpoint: {info.path}/config.json records dtype "
+                             f"{info.dtype!r}, not one of {sorted(set(DTYPE_NAMES.values()))}")
+        return 4 if name == "float32" else 2
+    if dtype in ("auto", "checkpoint"):
+        return 4 if on_host else 2
+    return 4 if DTYPE_NAMES[dtype] == "float32" else 2
+
+
+def check_context_fit(info, *, prompt: str, pooling, max_new_tokens: int,
+                      what: str = "the prompt") -> None:
+    """Prompt (its tokens from tokenizer.json) + visual tokens + new tokens within the LM's
+    positions (``info``: ``preflight.CheckpointInfo``)."""
     from .. import preflight
 
     visual = math.prod(pooling) if pooling else info.visual_tokens
     preflight.check_context(info, preflight.prompt_tokens(info, prompt), max_new_tokens,
                             visual_tokens=visual, what=what)
-    if headers:
+
+
+def check_memory_fit(info, *, headers, num_frames, batch_size: int, device, dtype) -> None:
+    """The weights (on the host while they load) and the visual stage of one batch (the largest
+    of the videos' ``preflight.VideoHeader``s) within the available memory. ``info`` None: a
+    model not written yet (the demo's), only the decoded frames count."""
+    from .. import preflight
+
+    on_host = not str(device).startswith("cuda")
+    elem = _elem_bytes(dtype, device, info)
+    frames = num_frames or (info.num_frames if info is not None else None)
+    need, parts = 0, []
+    if info is not None and info.params:
+        need += preflight.weights_bytes(info, elem, on_host)
+        count = (f"{info.params / 1e9:.2f}B" if info.params >= 1e9 else
+                 f"{info.params / 1e6:.1f}M" if info.params >= 1e6 else f"{info.params}")
+        parts.append(f"the weights ({count} parameters at {elem} bytes)")
+    if headers and frames:
         largest = max(headers, key=lambda h: h.width * h.height)
-        on_host = not str(device).startswith("cuda")
-        full = dtype in ("fp32", "float32", "float") or (dtype in ("auto", "checkpoint") and on_host)
-        elem = 4 if full else 2
-        need = preflight.visual_bytes([largest] * batch_size, num_frames or info.num_frames,
-                                      info, elem, on_host)
-        preflight.check_memory(need, f"{batch_size} video(s) of {largest.width}x{largest.height} "
-                                     f"at {num_frames or info.num_frames} frames ({largest.path})")
+        need += preflight.visual_bytes([largest] * batch_size, frames, info, elem, on_host)
+        parts.append(f"{batch_size} video(s) of {largest.width}x{largest.height} at {frames} "
+                     f"frames ({largest.path})")
+    if parts:
+        preflight.check_memory(need, " + ".join(parts))

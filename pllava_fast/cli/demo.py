@@ -13,8 +13,10 @@ import os
 import tempfile
 
 from .. import jsonio, preflight
-from .common import (add_max_new_tokens_argument, add_model_argument, add_num_frames_argument,
-                     add_runtime_arguments, check_fit, device_of, kv_cache_spec, positive)
+from .common import (UsageError, add_max_new_tokens_argument, add_model_argument,
+                     add_num_frames_argument, add_runtime_arguments, check_context_fit,
+                     check_memory_fit, check_prompt, device_of, kv_cache_spec, positive,
+                     tiny_info)
 
 DEFAULT_QUESTION = "What is happening in this video?"
 
@@ -33,16 +35,33 @@ def check(args) -> None:
     positive("--num-frames", args.num_frames)
     positive("--max-new-tokens", args.max_new_tokens)
     args.kv_spec = kv_cache_spec(args)
-    preflight.utf8("--question", args.question)
-    info = preflight.checkpoint(args.model) if args.model is not None else None
-    if args.video is not None:
-        preflight.video_header(args.video)
+    args.prompt = check_prompt("--question", args.question)
+    if args.model is not None:
+        info, what = preflight.checkpoint(args.model), "--question"
+    else:  # the tiny model from its shape; what only its tokenizer knows once it is written
+        info, what = tiny_info("the tiny demo model"), "--question (with the tiny demo model)"
+    args.headers = [preflight.video_header(args.video)] if args.video is not None else []
+    check_context_fit(info, prompt=args.prompt, pooling=None, max_new_tokens=args.max_new_tokens,
+                      what=what)
     args.device = device_of(args)
-    if info is not None:
-        headers = [preflight.video_header(args.video)] if args.video else []
-        check_fit(info, headers=headers, num_frames=args.num_frames, pooling=None,
-                  prompt=args.question, max_new_tokens=args.max_new_tokens, batch_size=1,
-                  device=args.device, dtype=args.dtype, what="--question")
+    # the clip the demo writes itself is checked once written (_check_generated)
+    check_memory_fit(info, headers=args.headers, num_frames=args.num_frames, batch_size=1,
+                     device=args.device, dtype=args.dtype)
+
+
+def _check_generated(args, model_dir, video) -> None:
+    """The demo's own tiny checkpoint and clip, as soon as they are written and before the model
+    loads: the same context and memory checks a given --model and --video get in ``check``."""
+    info = preflight.checkpoint(model_dir)
+    try:
+        headers = args.headers or [preflight.video_header(video)]
+        check_context_fit(info, prompt=args.prompt, pooling=None,
+                          max_new_tokens=args.max_new_tokens,
+                          what="--question" + ("" if args.model else " (with the tiny demo model)"))
+        check_memory_fit(info, headers=headers, num_frames=args.num_frames, batch_size=1,
+                         device=args.device, dtype=args.dtype)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def run(args) -> int:
@@ -71,6 +90,8 @@ def _run(args) -> int:
                 # spinning on a busy machine slow every small op down
                 torch.set_num_threads(1)
             model_dir = save_tiny_pllava(os.path.join(tmp, "tiny-pllava"))
+        if args.model is None or args.video is None:
+            _check_generated(args, model_dir, video)
         pipe = VideoPipeline.from_pretrained(model_dir, device=args.device, dtype=args.dtype,
                                              kv_cache=args.kv_spec, num_frames=args.num_frames)
         pipe.answer(video, args.question, max_new_tokens=2)  # warm-up: first-call allocations

@@ -10,9 +10,10 @@ is downloaded. Its answers are random words: it shows the pipeline, not a model'
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
-from .common import UsageError, parse_pooling, positive
+from .common import TINY, UsageError, parse_pooling, positive
 
 
 def configure_parser(parser: argparse.ArgumentParser):
@@ -24,9 +25,21 @@ def configure_parser(parser: argparse.ArgumentParser):
     parser.add_argument("--seed", type=int, default=0)
 
 
+# the tiny model's context: its visual tokens must leave room for a prompt and an answer
+TINY_CONTEXT = TINY["max_positions"]
+_PROMPT_ROOM = 256
+
+
 def check(args) -> None:
     positive("--num-frames", args.num_frames)
+    positive("--seed", args.seed, minimum=0, maximum=2**63 - 1)  # torch.Generator's range
     args.pooling_shape = parse_pooling(args.pooling) or (args.num_frames, 2, 2)
+    tokens = math.prod(args.pooling_shape)
+    if tokens > TINY_CONTEXT - _PROMPT_ROOM:
+        what = f"--pooling {args.pooling}" if args.pooling else f"--num-frames {args.num_frames}"
+        raise UsageError(f"{what}: {tokens} visual tokens per video (t*h*w of pooling "
+                         f"{args.pooling_shape}) leave no room in the tiny model's "
+                         f"{TINY_CONTEXT}-token context (at most {TINY_CONTEXT - _PROMPT_ROOM})")
     if os.path.exists(args.path) and (not os.path.isdir(args.path) or os.listdir(args.path)):
         raise UsageError(f"{args.path} exists and is not an empty directory")
 

@@ -11,7 +11,7 @@ import os
 from .. import preflight
 from ..inputs import expand_sources
 from .common import (UsageError, add_device_arguments, add_model_argument,
-                     add_num_frames_argument, device_of, positive)
+                     add_num_frames_argument, check_memory_fit, device_of, positive)
 
 
 def configure_parser(p) -> None:
@@ -34,16 +34,17 @@ def check(args) -> None:
     if not (math.isfinite(args.k) and args.k > 0):
         raise UsageError(f"--k must be a finite number > 0, got {args.k}")
     args.sources = expand_sources(args.videos)
-    for source in args.sources:
-        preflight.video_header(os.fspath(source))
+    headers = [preflight.video_header(os.fspath(source)) for source in args.sources]
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} exists and is not a directory")
     parent = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(parent):
         raise UsageError(f"--out {args.out} cannot be created: {parent} is not a directory")
-    if args.model is not None:
-        preflight.checkpoint(args.model)
+    info = preflight.checkpoint(args.model) if args.model is not None else None
     args.device = device_of(args)
+    # one video at a time; without --model (the tiny model) only the decoded frames count
+    check_memory_fit(info, headers=headers, num_frames=args.num_frames, batch_size=1,
+                     device=args.device, dtype=args.dtype)
 
 
 def _load_model(args):

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from ..checks import allocation, finite_float, flag, is_int
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -75,16 +76,58 @@ def frames_to_tensor(
         raise ValueError(f"frames must be non-empty, got shape {tuple(frames.shape)}")
     if matrix not in COLOR_MATRICES:
         raise ValueError(f"matrix must be one of {COLOR_MATRICES}, got {matrix!r}")
-    geometry = [int(g) for g in geometry]
-    if len(geometry) != 11:
-        raise ValueError(f"geometry must be 11 ints, got {len(geometry)}")
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"mean and std must have 3 values, got {len(mean)} and {len(std)}")
+    geometry = check_geometry(geometry)
+    mean = [finite_float(f"mean[{i}]", m) for i, m in enumerate(_numbers(mean, "mean"))]
+    std = [finite_float(f"std[{i}]", s) for i, s in enumerate(_numbers(std, "std"))]
+    if not all(std):
+        raise ValueError(f"std must be non-zero, got {std}")
     if dtype not in FRAME_DTYPES:
         raise ValueError(f"dtype must be one of {FRAME_DTYPES}, got {dtype}")
+    full_range = flag("full_range", full_range)
+    out = geometry[10]
+    allocation(f"frames_to_tensor of {frames.shape[0]} frame(s) to {out}x{out}",
+               frames.shape[0] * 3 * out * out * (torch.finfo(dtype).bits // 8 + 4), frames.device)
     return _frames_to_tensor_op(
-        frames, u, v, COLOR_MATRICES.index(matrix), bool(full_range), geometry,
-        [float(m) for m in mean], [float(s) for s in std], dtype)
+        frames, u, v, COLOR_MATRICES.index(matrix), full_range, geometry, mean, std, dtype)
+
+
+_GEOMETRY = ("h1", "w1", "top1", "left1", "hc", "wc", "h2", "w2", "top2", "left2", "out")
+
+
+def _numbers(values, name: str, n: int = 3) -> list:
+    """``values`` as a list of ``n`` items (mean / std), or ValueError naming ``name``."""
+    try:
+        values = list(values)
+    except TypeError:
+        raise ValueError(f"{name} must be {n} numbers, got {values!r}") from None
+    if len(values) != n:
+        raise ValueError(f"{name} must be {n} numbers, got {len(values)}")
+    return values
+
+
+def check_geometry(geometry) -> list[int]:
+    """The 11 ints of a geometry, sizes >= 1, offsets >= 0 and both crops inside their resized
+    frames; a ValueError naming the field otherwise (a float is not truncated: 2.5 is refused)."""
+    try:
+        values = list(geometry) if not isinstance(geometry, (str, bytes)) else None
+    except TypeError:
+        values = None
+    if values is None or len(values) != 11 or not all(is_int(g) for g in values):
+        raise ValueError(f"geometry must be 11 ints {_GEOMETRY}, got {geometry!r}")
+    g = dict(zip(_GEOMETRY, (int(v) for v in values)))
+    for name in ("h1", "w1", "hc", "wc", "h2", "w2", "out"):
+        if g[name] < 1:
+            raise ValueError(f"geometry {name} must be >= 1, got {g[name]} in {values}")
+    for name in ("top1", "left1", "top2", "left2"):
+        if g[name] < 0:
+            raise ValueError(f"geometry {name} must be >= 0, got {g[name]} in {values}")
+    if g["top1"] + g["hc"] > g["h1"] or g["left1"] + g["wc"] > g["w1"]:
+        raise ValueError(f"geometry: the first crop {g['hc']}x{g['wc']} at ({g['top1']}, "
+                         f"{g['left1']}) is outside the resized {g['h1']}x{g['w1']} frame")
+    if g["top2"] + g["out"] > g["h2"] or g["left2"] + g["out"] > g["w2"]:
+        raise ValueError(f"geometry: the crop of {g['out']} at ({g['top2']}, {g['left2']}) is "
+                         f"outside the resized {g['h2']}x{g['w2']} frame")
+    return list(g.values())
 
 
 @torch.library.custom_op("pllava_fast::frames_to_tensor", mutates_args=())

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checks import finite_float, is_int, power_of_two
+from ._common import TRITON_DTYPES
 from .kv_quant import KV_BITS
 
 
@@ -23,39 +25,78 @@ def decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor
     Shapes (see ``kernels/decode_attention.py``): q (B, Hq, D); codes (B, Hkv, Tq, Dc) uint8 (or
     floating for ``bits=16``); scales per token group (B, Hkv, Tq, G) or, for keys with
     ``key_block``, per channel (B, Hkv, Tq // key_block, D); window (B, Hkv, W, D); kv_mask
-    (B, Tq + W) bool, True where a key is visible. Returns (B, Hq, D) in q's dtype.
+    (B, Tq + W) bool, True where a key is visible. Scales and zeros are float32; ``group_size``
+    must match the scales' G = ceil(D / group_size); ``sm_scale`` is finite and > 0 (default
+    1 / sqrt(D)). Returns (B, Hq, D) in q's dtype. Every mismatch is a ValueError naming the
+    argument (before any kernel runs).
     """
-    if q.dim() != 3:
-        raise ValueError(f"q must be (B, Hq, D), got shape {tuple(q.shape)}")
+    tensors = dict(q=q, k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, v_codes=v_codes,
+                   v_scale=v_scale, v_zero=v_zero, k_win=k_win, v_win=v_win)
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 3 or not q.is_floating_point():
+        raise ValueError(f"q must be a floating (B, Hq, D) tensor, got {q.dtype} {tuple(q.shape)}")
     b, hq, d = q.shape
-    if d % 2:
-        raise ValueError(f"decode attention needs an even head dim, got {d}")
-    if bits not in KV_BITS:
-        raise ValueError(f"bits must be one of {KV_BITS}, got {bits}")
+    if d == 0 or d % 2:
+        raise ValueError(f"decode attention needs an even head dim >= 2, got {d}")
+    # bool and float are refused, not truncated: bits=8.0 or group_size=16.5 are mistakes
+    if not is_int(bits) or bits not in KV_BITS:
+        raise ValueError(f"bits must be one of {KV_BITS}, got {bits!r}")
+    if not is_int(key_block) or key_block < 0 or key_block & (key_block - 1):
+        raise ValueError(f"key_block must be 0 or a power of two, got {key_block!r}")
     for name, t in (("k_codes", k_codes), ("v_codes", v_codes), ("k_win", k_win), ("v_win", v_win)):
         if t.dim() != 4 or t.shape[0] != b:
             raise ValueError(f"{name} must be (B={b}, Hkv, T, *), got shape {tuple(t.shape)}")
+    for name, t in tensors.items():
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
     hkv, tq = k_codes.shape[1], k_codes.shape[2]
-    if hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
-    dc = d if bits != 4 else d // 2
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv}), and "
+                         "there must be at least one KV head")
+    dc = d // 2 if bits == 4 else d
     if k_codes.shape[-1] != dc or v_codes.shape[-1] != dc or k_win.shape[-1] != d:
         raise ValueError(f"code width must be {dc} and window width {d} for head dim {d} at "
                          f"{bits} bits, got {k_codes.shape[-1]}, {v_codes.shape[-1]}, {k_win.shape[-1]}")
-    if bits != 16 and (k_codes.dtype != torch.uint8 or v_codes.dtype != torch.uint8):
-        raise ValueError(f"codes must be uint8 at {bits} bits, got {k_codes.dtype}, {v_codes.dtype}")
-    if kv_mask is not None and (kv_mask.dtype != torch.bool or
+    if v_codes.shape != k_codes.shape:
+        raise ValueError(f"v_codes {tuple(v_codes.shape)} must have k_codes' shape "
+                         f"{tuple(k_codes.shape)}")
+    if v_win.shape != k_win.shape or not (k_win.is_floating_point() and v_win.is_floating_point()):
+        raise ValueError(f"k_win and v_win must be floating tensors of one shape, got {k_win.dtype} "
+                         f"{tuple(k_win.shape)} and {v_win.dtype} {tuple(v_win.shape)}")
+    if bits != 16:
+        if k_codes.dtype != torch.uint8 or v_codes.dtype != torch.uint8:
+            raise ValueError(f"codes must be uint8 at {bits} bits, got {k_codes.dtype}, "
+                             f"{v_codes.dtype}")
+        group_size = power_of_two("group_size", group_size, minimum=2)
+        groups = -(-d // group_size)
+        key_shape = (b, hkv, tq // key_block, d) if key_block else (b, hkv, tq, groups)
+        for name, t, want in (("k_scale", k_scale, key_shape), ("k_zero", k_zero, key_shape),
+                              ("v_scale", v_scale, (b, hkv, tq, groups)),
+                              ("v_zero", v_zero, (b, hkv, tq, groups))):
+            if tuple(t.shape) != want or t.dtype != torch.float32:
+                raise ValueError(f"{name} must be float32 {want} for group_size {group_size}"
+                                 f"{f', key_block {key_block}' if key_block else ''}, got "
+                                 f"{t.dtype} {tuple(t.shape)}")
+    elif not (k_codes.is_floating_point() and v_codes.is_floating_point()):
+        raise ValueError(f"codes must be floating at 16 bits, got {k_codes.dtype}, {v_codes.dtype}")
+    elif not is_int(group_size):
+        raise ValueError(f"group_size must be an int, got {group_size!r}")
+    if kv_mask is not None and (not isinstance(kv_mask, Tensor) or kv_mask.dtype != torch.bool or
                                 tuple(kv_mask.shape) != (b, tq + k_win.shape[2])):
-        raise ValueError(f"kv_mask must be bool (B, Tq + W) = ({b}, {tq + k_win.shape[2]}), "
-                         f"got {kv_mask.dtype} {tuple(kv_mask.shape)}")
+        raise ValueError(f"kv_mask must be bool (B, Tq + W) = ({b}, {tq + k_win.shape[2]}), got "
+                         f"{getattr(kv_mask, 'dtype', type(kv_mask).__name__)} "
+                         f"{tuple(getattr(kv_mask, 'shape', ()))}")
     if key_block and tq % key_block:
         raise ValueError(f"per-channel keys cover whole blocks: Tq={tq} is not a multiple of "
                          f"key_block={key_block}")
     if bits == 16:
         k_scale = k_zero = v_scale = v_zero = q.new_empty(0, dtype=torch.float32)
-    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
+    if sm_scale is None:
+        scale = 1.0 / math.sqrt(d)
+    else:
+        scale = finite_float("sm_scale", sm_scale, positive=True)
     return _decode_attention_op(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win,
                                 v_win, kv_mask, int(bits), int(group_size), int(key_block), scale)
 
@@ -74,6 +115,10 @@ def _decode_attention_op(
 @_decode_attention_op.register_kernel("cuda")
 def _decode_attention_cuda(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win,
                            kv_mask, bits, group_size, key_block, sm_scale):
+    if q.dtype not in TRITON_DTYPES or k_win.dtype not in TRITON_DTYPES:
+        # fp64: the torch implementation, on the GPU (the kernels take fp32 / bf16 / fp16)
+        return _decode_attention_torch(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+                                       k_win, v_win, kv_mask, bits, group_size, key_block, sm_scale)
     from ..kernels.decode_attention import _decode_attention
 
     return _decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win,

@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..checks import is_int, power_of_two
 from ..kernels import kv_format
+from ._common import TRITON_DTYPES
 
 KV_BITS = (4, 8, 16)
 
@@ -30,14 +32,16 @@ def quantize_kv(x: Tensor, bits: int = 4, group_size: int = 64, key_block: int =
     if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"x must be a floating (N, D) tensor, got {getattr(x, 'dtype', type(x))} "
                          f"{tuple(getattr(x, 'shape', ()))}")
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if x.shape[1] % 2:
-        raise ValueError(f"KV quantization needs an even head dim, got {x.shape[1]}")
-    if group_size < 2 or group_size & (group_size - 1):
-        raise ValueError(f"group_size must be a power of two >= 2, got {group_size}")
-    if key_block < 0 or (key_block and (key_block & (key_block - 1) or x.shape[0] % key_block)):
-        raise ValueError(f"key_block must be 0 or a power of two dividing N={x.shape[0]}, got {key_block}")
+    # bool and float are refused, not truncated: bits=4.0 or key_block=True are mistakes
+    if not is_int(bits) or bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if x.shape[1] == 0 or x.shape[1] % 2:
+        raise ValueError(f"KV quantization needs an even head dim >= 2, got {x.shape[1]}")
+    group_size = power_of_two("group_size", group_size, minimum=2)
+    if not is_int(key_block) or key_block < 0 or (
+            key_block and (key_block & (key_block - 1) or x.shape[0] % key_block)):
+        raise ValueError(f"key_block must be 0 or a power of two dividing N={x.shape[0]}, "
+                         f"got {key_block!r}")
     return _quantize_kv_op(x.contiguous(), int(bits), int(group_size), int(key_block))
 
 
@@ -54,6 +58,10 @@ def _quantize_kv_cuda(x, bits, group_size, key_block):
     # imported here: Triton (and its interpreter flag) only matters once a kernel runs
     from ..kernels import kv_quant
 
+    if x.dtype not in TRITON_DTYPES:  # fp64: the format's plain-torch definition, on the GPU
+        if key_block:
+            return kv_format.quantize_channels_ref(x, bits, key_block)
+        return kv_format.quantize_groups_ref(x, bits, group_size)
     if key_block:
         return kv_quant._quantize_channels(x, bits, key_block)
     return kv_quant._quantize_groups(x, bits, group_size)

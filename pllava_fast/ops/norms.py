@@ -3,11 +3,13 @@
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from ..checks import finite_float
 from ._common import TRITON_DTYPES, check_tokens
 
 
@@ -24,7 +26,8 @@ class TokenNormStats(NamedTuple):
 def norm_stats(norms: Tensor, threshold: float | Tensor = 0.0) -> TokenNormStats:
     """Summaries of precomputed norms (N, L) (e.g. ``pool_visual_tokens(..., return_norms=True)``).
 
-    threshold: a float, or a tensor on the norms' device, 0-d or (N,) (one per row).
+    threshold: a number (not NaN; a bool is not a threshold), or a tensor on the norms' device,
+    0-d or (N,) (one per row). +-inf are allowed: nothing / everything counts.
     """
     if not isinstance(norms, Tensor) or norms.dim() != 2:
         raise ValueError(f"norms must be a tensor of shape (N, L), got {getattr(norms, 'shape', type(norms))}")
@@ -40,9 +43,15 @@ def norm_stats(norms: Tensor, threshold: float | Tensor = 0.0) -> TokenNormStats
         if threshold.numel() not in (1, n) or threshold.dim() > 1:
             raise ValueError(
                 f"threshold must be a scalar or have shape ({n},), got {tuple(threshold.shape)}")
+        if threshold.is_complex() or threshold.dtype == torch.bool:
+            raise ValueError(f"threshold must be a real tensor, got dtype {threshold.dtype}")
         thr = threshold.to(torch.float32).reshape(-1).expand(n).contiguous()
     else:
-        thr = torch.full((n,), float(threshold), dtype=torch.float32, device=norms.device)
+        if isinstance(threshold, float) and math.isinf(threshold):
+            value = threshold
+        else:
+            value = finite_float("threshold", threshold)
+        thr = torch.full((n,), value, dtype=torch.float32, device=norms.device)
     norms = norms.to(torch.float32).contiguous()
     return TokenNormStats(norms, *_norm_row_stats_op(norms, thr), thr)
 

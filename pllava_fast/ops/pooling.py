@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..checks import int_tuple, positive_int
+from ..checks import allocation, flag, int_tuple, positive_int
 from ..kernels.adaptive import ACTIVATIONS, apply_activation, pool_windows, pooling_matrix
 from ._common import TRITON_DTYPES, check_tokens
 
@@ -53,6 +53,8 @@ def pool_visual_tokens(
             f"x has {x.shape[0]} frames (dim 0), not divisible by num_frames={num_frames}")
     if act not in ACTIVATIONS:
         raise ValueError(f"unsupported activation {act!r}; expected one of {ACTIVATIONS}")
+    return_norms = flag("return_norms", return_norms)
+    _check_allocation(x, num_frames, (fh, fw), (pt, ph, pw))
     if torch.is_grad_enabled() and x.requires_grad:
         # custom op has no autograd formula: training goes through the differentiable torch path
         pooled, norms = _pool_visual_tokens_torch(
@@ -61,6 +63,19 @@ def pool_visual_tokens(
     pooled, norms = _pool_visual_tokens_op(
         x.contiguous(), num_frames, fh, fw, pt, ph, pw, act, bool(return_norms))
     return (pooled, norms) if return_norms else pooled
+
+
+def _check_allocation(x: Tensor, num_frames: int, frame_shape, pooling_shape) -> None:
+    """An upsampling pooling_shape (AdaptiveAvgPool3d allows one) can ask for far more memory
+    than x holds: (1000, 1000, 1000) is tens of GiB. Refused with the shape named, before the
+    allocator fails (or the machine swaps). CPU counts its fp32 per-axis intermediates."""
+    (fh, fw), (pt, ph, pw) = frame_shape, pooling_shape
+    b, c = x.shape[0] // num_frames, x.shape[-1]
+    if x.device.type == "cpu":
+        nbytes = b * c * max(pt * fh * fw, pt * ph * fw, pt * ph * pw) * 4
+    else:
+        nbytes = b * c * pt * ph * pw * x.element_size()
+    allocation(f"pooling_shape {(pt, ph, pw)} for {b} video(s) of {c} channels", nbytes, x.device)
 
 
 @torch.library.custom_op("pllava_fast::pool_visual_tokens", mutates_args=())
