@@ -17,6 +17,9 @@ Format (shared by the cache, the decode-attention kernel and the references):
   of a head dim that ``group_size`` does not divide is partial. ``scale``: ``(N, ceil(D / group_size))``.
 * Channel groups (``quantize_channels``, KIVI-style keys): each channel over ``block`` consecutive
   rows (tokens of one head). ``scale``: ``(N // block, D)``.
+* fp8 (``quantize_fp8_ref``): ``codes`` is ``(N, D)`` float8_e4m3fn, symmetric per token group:
+  ``scale = absmax / 448`` (e4m3's largest finite value), ``zero = 0``, ``x ~= code * scale + zero``
+  (the int8 formula, so every reader of int8 codes reads fp8 codes by converting them to float).
 """
 from __future__ import annotations
 
@@ -96,7 +99,8 @@ def dequantize_ref(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, d: int
 
 def dequantize_kv_ref(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, d: int,
                       group_size: int, key_block: int = 0) -> Tensor:
-    """(B, H, T, Dc) codes + scales -> (B, H, T, D) float32 (floating codes pass through)."""
+    """(B, H, T, Dc) codes + scales -> (B, H, T, D) float32 (``bits=16``: floating codes pass
+    through; fp8 codes at ``bits=8`` convert to float and take the int8 formula)."""
     if bits == 16:
         return codes.float()
     q = unpack_ref(codes, bits).float()[..., :d]
@@ -104,3 +108,21 @@ def dequantize_kv_ref(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, d: 
         return q * scale.repeat_interleave(key_block, dim=2) + zero.repeat_interleave(key_block, dim=2)
     exp = lambda s: s.repeat_interleave(group_size, dim=-1)[..., :d]  # noqa: E731
     return q * exp(scale) + exp(zero)
+
+
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def quantize_fp8_ref(x: Tensor, group_size: int):
+    """Symmetric fp8 (e4m3) codes per token group: (codes (N, D) float8_e4m3fn, scale, zero
+    (N, ceil(D / group_size)) float32, zero all 0). A group of zeros gets scale 0 and codes 0."""
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating (N, D) matrix, got {x.dtype} {tuple(x.shape)}")
+    n, d = x.shape
+    ng = -(-d // group_size)
+    xf = x.float()
+    xp = torch.nn.functional.pad(xf, (0, ng * group_size - d)).view(n, ng, group_size)
+    scale = xp.abs().amax(-1) / FP8_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (xp / safe[..., None]).clamp_(-FP8_MAX, FP8_MAX).view(n, -1)[:, :d]
+    return q.to(torch.float8_e4m3fn), scale, torch.zeros_like(scale)
