@@ -6,8 +6,11 @@ was expected, so the CLI can print them as they are.
 """
 from __future__ import annotations
 
+import errno
 import math
 import numbers
+import os
+import stat
 from typing import Sequence
 
 
@@ -108,3 +111,22 @@ def allocation(what: str, nbytes: int, device=None) -> None:
     if available is not None and nbytes > available:
         raise ValueError(f"{what} would allocate {nbytes / 2**30:.1f} GiB, but only "
                          f"{available / 2**30:.1f} GiB of memory is available")
+
+
+def check_path(path: str, what: str, *, folder: bool = True) -> os.stat_result:
+    """``path``'s stat: FileNotFoundError when it does not exist, ValueError for a symbolic link
+    loop, an unreadable entry, or anything that is neither a regular file nor (when ``folder``) a
+    directory: a FIFO or a device would block the reader or never end."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError(f"{what} {path}: a symbolic link loop (too many levels of links)") from None
+        raise ValueError(f"{what} {path}: cannot be read ({exc.strerror})") from None
+    if stat.S_ISDIR(st.st_mode) and not folder:
+        raise ValueError(f"{what} {path} is a folder: expected a file")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise ValueError(f"{what} {path} is not a regular file (a device, FIFO or socket)")
+    return st

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .checks import finite_float
 from .compat import no_init_weights
+from .devices import check_device
 from .config_json import index_shards
 
 # benign extras in old checkpoints: buffers the modules recompute
@@ -246,3 +247,35 @@ def dispatch_model(model: nn.Module, device_map, max_memory=None) -> nn.Module:
         device_map = infer_auto_device_map(model, max_memory=max_memory,
                                            no_split_module_classes=no_split)
     return accelerate_dispatch(model, device_map=device_map)
+
+
+# attn_implementation values from_pretrained passes on (transformers' own and ours)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def check_load_arguments(spec, *, device, device_map, max_memory, attn_implementation,
+                         lora_alpha, compile, pllava_attention) -> None:
+    """ValueError naming the first ``from_pretrained`` argument that cannot work, before any
+    weights are read: a mistake fails in a moment, not after a 34B load."""
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
+    if compile and spec.key_quant == "channel":
+        raise ValueError("compile=True needs a static cache, and key_quant='channel' is only "
+                         "in the dynamic one: use key_quant='token'")
+    if device is not None and device_map is not None:
+        raise ValueError("pass device or device_map, not both")
+    if device is not None:
+        dev = check_device(device)
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {str(dev)!r}")
+    if max_memory is not None and device_map is None:
+        raise ValueError("max_memory needs a device_map")
+    check_device_map(device_map)
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got "
+                         f"{attn_implementation!r}")
+    if spec.quantized and attn_implementation not in pllava_attention:
+        raise ValueError(f"kv_cache={spec.kind!r} needs pllava-fast attention: "
+                         f"attn_implementation one of {pllava_attention}, got "
+                         f"{attn_implementation!r}")
+    finite_float("lora_alpha", lora_alpha)

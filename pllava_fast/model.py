@@ -31,7 +31,7 @@ from .devices import resolve_dtype
 from .kv_cache import make_cache
 from .kv_spec import KVCacheSpec
 from .llm_decode import CompiledDecoder
-from .loading import (check_device_map, dispatch_model, fast_init, load_into, merge_lora,
+from .loading import (check_load_arguments, dispatch_model, fast_init, load_into, merge_lora,
                       read_state_dict, save_checkpoint)
 from .merge import (merge_visual_tokens, repeat_videos_per_row, split_frames,
                     video_layout)
@@ -128,20 +128,9 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         # every argument is checked before the weights are read: a mistake fails in a moment,
         # not after a 34B load
         spec = KVCacheSpec.of(kv_cache, kv_cache_options)
-        if not isinstance(compile, bool):
-            raise ValueError(f"compile must be True or False, got {compile!r}")
-        if compile and spec.key_quant == "channel":
-            raise ValueError("compile=True needs a static cache, and key_quant='channel' is only "
-                             "in the dynamic one: use key_quant='token'")
-        if device is not None and device_map is not None:
-            raise ValueError("pass device or device_map, not both")
-        if max_memory is not None and device_map is None:
-            raise ValueError("max_memory needs a device_map")
-        check_device_map(device_map)
-        if spec.quantized and attn_implementation not in PLLAVA_ATTENTION:
-            raise ValueError(f"kv_cache={spec.kind!r} needs pllava-fast attention: "
-                             f"attn_implementation one of {PLLAVA_ATTENTION}, got "
-                             f"{attn_implementation!r}")
+        check_load_arguments(spec, device=device, device_map=device_map, max_memory=max_memory,
+                             attn_implementation=attn_implementation, lora_alpha=lora_alpha,
+                             compile=compile, pllava_attention=PLLAVA_ATTENTION)
         weight_spec = WeightSpec.of(weights, weight_options)
         path = os.fspath(path)
         config = PllavaConfig.from_pretrained(path, **config_overrides)

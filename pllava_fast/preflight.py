@@ -9,15 +9,13 @@ message names the file, frame, argument or shape. Nothing here imports torch or 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import math
 import os
-import stat
 import struct
 import zipfile
 
-from .checks import host_memory_available
+from .checks import check_path, host_memory_available
 from .config_json import index_shards, read_config_json
 from .video.extensions import IMAGE_EXTENSIONS
 
@@ -48,25 +46,6 @@ class CheckpointInfo:
     @property
     def visual_tokens(self) -> int:
         return math.prod(self.pooling_shape)
-
-
-def check_path(path: str, what: str, *, folder: bool = True) -> os.stat_result:
-    """``path``'s stat: FileNotFoundError when it does not exist, ValueError for a symbolic link
-    loop, an unreadable entry, or anything that is neither a regular file nor (when ``folder``) a
-    directory: a FIFO or a device would block the reader or never end."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {path}") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ValueError(f"{what} {path}: a symbolic link loop (too many levels of links)") from None
-        raise ValueError(f"{what} {path}: cannot be read ({exc.strerror})") from None
-    if stat.S_ISDIR(st.st_mode) and not folder:
-        raise ValueError(f"{what} {path} is a folder: expected a file")
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        raise ValueError(f"{what} {path} is not a regular file (a device, FIFO or socket)")
-    return st
 
 
 def _field(file, obj, key, default, minimum=1):

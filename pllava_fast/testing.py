@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any
 
 import av
 import numpy as np
@@ -22,6 +21,7 @@ from .config import PllavaConfig
 from .conversation import load_tokenizer
 from .loading import checkpoint_names
 from .model import PllavaForConditionalGeneration
+from .shapes import TINY_DEFAULTS, TINY_MAX_POSITIONS
 
 # words the tokenizer learns merges from; anything else still encodes (character fallback)
 _CORPUS = [
@@ -35,13 +35,6 @@ _CORPUS = [
 ]
 SPECIAL = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>", "image": "<image>"}
 
-TINY_DEFAULTS: dict[str, Any] = dict(
-    image_size=56, patch_size=14, vision_hidden=32, vision_layers=3, vision_heads=4,
-    text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_model_type="llama",
-    num_frames=4, pooling_shape=(4, 2, 2), vision_feature_layer=-2, projector_hidden_act="gelu",
-    use_pooling=True, tie_word_embeddings=False, image_token_outside_vocab=False,
-    vision_feature_select_strategy="default", seed=0,
-)
 
 
 def build_tokenizer():
@@ -84,7 +77,7 @@ def tiny_config(tokenizer=None, **overrides):
         model_type=opts["text_model_type"], vocab_size=text_vocab, hidden_size=opts["text_hidden"],
         intermediate_size=2 * opts["text_hidden"], num_hidden_layers=opts["text_layers"],
         num_attention_heads=opts["text_heads"], num_key_value_heads=opts["text_kv_heads"],
-        max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=pad_id,
+        max_position_embeddings=TINY_MAX_POSITIONS, rms_norm_eps=1e-5, pad_token_id=pad_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=opts["tie_word_embeddings"],
     )

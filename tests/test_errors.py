@@ -397,3 +397,26 @@ def test_float64_norm_stats_are_computed_not_rounded_early():
     assert stats.norms.dtype == torch.float32
     torch.testing.assert_close(stats.norms, want.float())
     assert torch.equal(stats.count_above, (want.float() > 1500.0).sum(1))
+
+
+def test_api_follow_ups(tmp_path, tiny_model_dir):
+    """read_video / sample_indices / from_pretrained name what is wrong before any work."""
+    from pllava_fast.model import PllavaForConditionalGeneration
+    from pllava_fast.video import read_video, sample_indices
+
+    loop = tmp_path / "loop.mp4"
+    os.symlink(loop, loop)
+    with pytest.raises(ValueError, match="symbolic link loop"):
+        read_video(loop)
+    fifo = tmp_path / "fifo.mp4"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_video(fifo)
+    with pytest.raises(ValueError, match="start must be a time"):
+        sample_indices(10, 4, fps=25.0, start="1")
+    with pytest.raises(ValueError, match="num_segments=1000000000"):
+        sample_indices(10, 10**9)
+    for kwargs, match in ((dict(device="bogus"), "device"), (dict(lora_alpha=float("nan")), "lora_alpha"),
+                          (dict(attn_implementation="fast"), "attn_implementation")):
+        with pytest.raises(ValueError, match=match):
+            PllavaForConditionalGeneration.from_pretrained(tiny_model_dir, **kwargs)

@@ -23,6 +23,7 @@ import os
 import sys
 
 from .. import jsonio, preflight
+from ..checks import check_path
 from ..inputs import dedupe, dist_env, list_inputs, local_rank, shard
 from .common import (EXIT_OK, EXIT_SOME_FAILED, UsageError, add_device_arguments,
                      add_kv_cache_arguments, add_max_new_tokens_argument, add_model_argument,
@@ -126,7 +127,7 @@ def _check_output(output: str) -> None:
     # /dev/zero or /dev/full) would be read without end or replaced
     for path in [output] + glob.glob(glob.escape(output) + ".part-*.jsonl"):
         if os.path.lexists(path):
-            preflight.check_path(path, "--output file" if path == output else "part file",
+            check_path(path, "--output file" if path == output else "part file",
                                  folder=False)
     out_dir = os.path.dirname(os.path.abspath(output)) or "."
     if not os.path.isdir(out_dir):
@@ -142,7 +143,7 @@ def _direct_headers(items, start):
     headers, unreadable = [], None
     for item in items:
         path = item["video"]
-        preflight.check_path(path, "video")
+        check_path(path, "video")
         try:
             header = preflight.video_header(path)
         except ValueError as exc:

@@ -21,6 +21,7 @@ import traceback
 
 from ..devices import DTYPE_CHOICES
 from ..kv_spec import CACHE_KINDS, KEY_QUANT, KVCacheSpec
+from ..shapes import TINY_DEFAULTS, TINY_MAX_POSITIONS
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -231,10 +232,12 @@ def device_of(args, local_rank: int | None = None) -> str:
     return str(checked)
 
 
-# the tiny random model of ``testing.save_tiny_pllava`` (its TINY_DEFAULTS; a test holds the two
-# equal), for the checks of the commands that write one (demo, bench, make-tiny) before they do
-TINY = dict(num_frames=4, pooling_shape=(4, 2, 2), image_size=56, patch_size=14, vision_hidden=32,
-            vision_layers=3, text_hidden=64, text_layers=2, max_positions=4096)
+# the tiny random model's sizes as preflight.CheckpointInfo names them (shapes.TINY_DEFAULTS)
+TINY = dict(num_frames=TINY_DEFAULTS["num_frames"], pooling_shape=TINY_DEFAULTS["pooling_shape"],
+            image_size=TINY_DEFAULTS["image_size"], patch_size=TINY_DEFAULTS["patch_size"],
+            vision_hidden=TINY_DEFAULTS["vision_hidden"], vision_layers=TINY_DEFAULTS["vision_layers"],
+            text_hidden=TINY_DEFAULTS["text_hidden"], text_layers=TINY_DEFAULTS["text_layers"],
+            max_positions=TINY_MAX_POSITIONS)
 
 
 def tiny_info(path: str, **overrides):

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from ..checks import positive_int
+from ..checks import check_path, positive_int
 from .decode import _read_stream
 from .extensions import IMAGE_EXTENSIONS
 from .frames import DecodedVideo, VideoDecodeError
@@ -61,8 +61,9 @@ def read_video(source, num_frames: int = 16, *, start: float | None = None,
     name = _name_of(source)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such file or directory")
+        # missing: FileNotFoundError; a link loop, FIFO or device: ValueError (av.open would
+        # block on a FIFO and read a device forever)
+        check_path(path, "video")
         if os.path.isdir(path):
             paths = frame_files(path)
             if not paths:

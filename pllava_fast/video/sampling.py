@@ -5,6 +5,10 @@ import math
 
 import numpy as np
 
+# frames one video may ask for: far above any model's (PLLaVA: 16), far below a list that
+# would fill memory (10**9 indices are ~30 GB of Python ints)
+MAX_SEGMENTS = 1 << 16
+
 
 def sample_indices(num_frames_total: int, num_segments: int, *, fps: float | None = None,
                    start: float | None = None, end: float | None = None) -> list[int]:
@@ -26,6 +30,12 @@ def sample_indices(num_frames_total: int, num_segments: int, *, fps: float | Non
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"num_segments must be an int >= 1, got {k!r}")
     n, k = int(n), int(k)
+    if k > MAX_SEGMENTS:
+        raise ValueError(f"num_segments={k} is more frames than any model samples (at most "
+                         f"{MAX_SEGMENTS})")
+    for name, t in (("start", start), ("end", end)):
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float, np.number))):
+            raise ValueError(f"{name} must be a time in seconds, got {t!r}")
     if start is None and end is None:
         seg = float(n - 1) / k
         first = int(seg / 2)
