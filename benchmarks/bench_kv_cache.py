@@ -2,10 +2,11 @@
 
 * Memory at the 7B shape (32 layers, 32 KV heads, head dim 128), group size 128: bytes per token
   of the quantized part at steady state (window excluded), measured on a filled cache layer and
-  checked against the format; ratios to bf16 as ``int8_memory_ratio`` / ``int4_memory_ratio``.
+  checked against the format; ratios to bf16 as ``int8_memory_ratio`` / ``int4_memory_ratio``
+  (fp8 takes int8's bytes).
 * Decode attention, one new token per sequence, 32 heads x 128: baseline bf16
   ``F.scaled_dot_product_attention`` over a bf16 cache vs ``pllava_fast.ops.decode_attention``
-  over an int8 / int4 cache (128-token bf16 window). GPU: contexts 1k / 2.4k / 8k / 32k, batch
+  over an int8 / int4 / fp8 cache (128-token bf16 window). GPU: contexts 1k / 2.4k / 8k / 32k, batch
   1 / 8 / 32 (the Triton kernel). CPU: a reduced set, and ours is the torch path (chunked codes -> fp32
   + batched matmuls).
 * Greedy agreement: teacher-forced per-step argmax agreement with DynamicCache on the toy
@@ -31,6 +32,7 @@ from pllava_fast.quantized_cache import QuantizedKVLayer
 from .harness import compare, default_device, write_results
 
 LAYERS, HEADS, HEAD_DIM, GROUP, WINDOW = 32, 32, 128, 128, 128
+KINDS = (("int8", 8), ("int4", 4), ("fp8", 8))  # the quantized kinds and their bits
 TOY_MODEL = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "kv_cache_toy_llama"
 
 
@@ -40,8 +42,9 @@ def memory_records(device):
     tokens = 4096 + WINDOW
     bf16 = bytes_per_token("model-dtype", LAYERS, HEADS, HEAD_DIM)
     measured["bf16"] = bf16
-    for kind, bits in (("int8", 8), ("int4", 4)):
-        layer = QuantizedKVLayer(bits=bits, group_size=GROUP, window=WINDOW, block=64)
+    for kind, bits in KINDS:
+        layer = QuantizedKVLayer(bits=bits, group_size=GROUP, window=WINDOW, block=64,
+                                 fp8=kind == "fp8")
         kv = torch.randn(1, HEADS, tokens, HEAD_DIM, device=device, dtype=torch.bfloat16)
         layer.update(kv, kv)
         quant_bytes = layer.nbytes() - layer.keys.nbytes - layer.values.nbytes
@@ -54,11 +57,12 @@ def memory_records(device):
     return recs, measured["int8"] / bf16, measured["int4"] / bf16
 
 
-def decode_inputs(batch, context, bits, device):
-    """A filled int8/int4 layer (bf16 window) and the bf16 K/V it was built from."""
+def decode_inputs(batch, context, kind, bits, device):
+    """A filled quantized layer of ``kind`` (bf16 window) and the bf16 K/V it was built from."""
     k = torch.randn(batch, HEADS, context, HEAD_DIM, device=device, dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    layer = QuantizedKVLayer(bits=bits, group_size=GROUP, window=WINDOW, block=64)
+    layer = QuantizedKVLayer(bits=bits, group_size=GROUP, window=WINDOW, block=64,
+                             fp8=kind == "fp8")
     layer.update(k, v)
     return k, v, layer.decode_inputs()
 
@@ -68,13 +72,13 @@ def latency_records(device, contexts, batches, repeats):
     for context in contexts:
         for batch in batches:
             q = torch.randn(batch, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
-            for kind, bits in (("int8", 8), ("int4", 4)):
-                k, v, inputs = decode_inputs(batch, context, bits, device)
+            for kind, bits in KINDS:
+                k, v, inputs = decode_inputs(batch, context, kind, bits, device)
 
-                def baseline():
+                def baseline(q=q, k=k, v=v):
                     return F.scaled_dot_product_attention(q[:, :, None], k, v)
 
-                def ours():
+                def ours(q=q, inputs=inputs):
                     return ops.decode_attention(q, **inputs)
 
                 bf16_bytes = 2 * k.numel() * 2
@@ -112,8 +116,8 @@ def agreement_records():
         mask[i, : 3 * i] = 0
     ref = teacher_forced_logits(model, ids, mask, prompt_len, DynamicCache()).argmax(-1)
     recs = []
-    for kind in ("unquantized", "int8", "int4"):
-        for key_quant in ("token", "channel"):
+    for kind in ("unquantized", "int8", "int4", "fp8"):
+        for key_quant in ("token",) if kind == "fp8" else ("token", "channel"):
             cache = make_cache(kind, model.config, window=16, block=16, group_size=16, key_quant=key_quant)
             agree = (teacher_forced_logits(model, ids, mask, prompt_len, cache).argmax(-1) == ref)
             recs.append({"name": f"agreement/{kind}/{key_quant}_keys", "argmax_agreement": agree.float().mean().item(),

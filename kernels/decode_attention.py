@@ -4,7 +4,8 @@ The cache of one layer is a quantized part followed by a full-precision window o
 
 * ``q``: (B, Hq, D) the new token's queries; ``Hq`` is a multiple of ``Hkv`` (GQA / MQA).
 * ``k_codes``, ``v_codes``: (B, Hkv, Tq, Dc) uint8 codes in the ``kernels.kv_quant`` format
-  (``Dc = D // 2`` for int4, ``D`` for int8), or floating (B, Hkv, Tq, D) for ``bits=16``.
+  (``Dc = D // 2`` for int4, ``D`` for int8), float8_e4m3fn codes at ``bits=8`` (``kv_format``'s
+  fp8: the int8 formula once converted), or floating (B, Hkv, Tq, D) for ``bits=16``.
   Views with a larger allocated token capacity are fine: only strides are used.
 * ``k_scale``, ``k_zero``: (B, Hkv, Tq, ceil(D / group)) per token group, or, with
   ``key_block > 0`` (KIVI-style per-channel keys), (B, Hkv, Tq // key_block, D).
@@ -72,8 +73,10 @@ def _load_fp(ptr, t, tmask, D: tl.constexpr, HALF: tl.constexpr):
 
 @triton.jit
 def _load_dequant(c_ptr, s_ptr, z_ptr, t, tmask, stride_ct, stride_st, D: tl.constexpr,
-                  HALF: tl.constexpr, BITS: tl.constexpr, TG: tl.constexpr, DG: tl.constexpr):
-    """Dequantized even / odd channel tiles; scale of element (t, d) at [t // TG, d // DG]."""
+                  HALF: tl.constexpr, BITS: tl.constexpr, TG: tl.constexpr, DG: tl.constexpr,
+                  FP8: tl.constexpr = False):
+    """Dequantized even / odd channel tiles; scale of element (t, d) at [t // TG, d // DG];
+    ``FP8``: the 8-bit codes are e4m3 bit patterns (read as bytes, so masked lanes are 0.0)."""
     if BITS == 16:
         xe, xo = _load_fp(c_ptr, t * stride_ct, tmask, D, HALF)
     else:
@@ -101,6 +104,8 @@ def _load_dequant(c_ptr, s_ptr, z_ptr, t, tmask, stride_ct, stride_st, D: tl.con
             d = tl.arange(0, 2 * HALF)
             mask2 = tmask[:, None] & (d[None, :] < D)
             q = tl.load(c_ptr + t[:, None] * stride_ct + d[None, :], mask=mask2, other=0)
+            if FP8:
+                q = q.to(tl.float8e4nv, bitcast=True)
             sc = tl.load(s_ptr + srow + d[None, :] // DG, mask=mask2, other=0.0)
             zr = tl.load(z_ptr + srow + d[None, :] // DG, mask=mask2, other=0.0)
             xe, xo = _pairs(q.to(tl.float32) * sc + zr)
@@ -123,7 +128,7 @@ def _decode_split_kernel(
     HKV: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     KTG: tl.constexpr, KDG: tl.constexpr, VDG: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-    HALF: tl.constexpr, IEEE: tl.constexpr,
+    HALF: tl.constexpr, IEEE: tl.constexpr, FP8: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -156,8 +161,10 @@ def _decode_split_kernel(
         for t0 in range(start, end, BLOCK_T):
             t = t0 + tt
             tmask = t < end
-            ke, ko = _load_dequant(kc, ks, kz, t, tmask, skc_t, sks_t, D, HALF, BITS, KTG, KDG)
-            ve, vo = _load_dequant(vc, vs, vz, t, tmask, svc_t, svs_t, D, HALF, BITS, 1, VDG)
+            ke, ko = _load_dequant(kc, ks, kz, t, tmask, skc_t, sks_t, D, HALF, BITS, KTG, KDG,
+                                   FP8)
+            ve, vo = _load_dequant(vc, vs, vz, t, tmask, svc_t, svs_t, D, HALF, BITS, 1, VDG,
+                                   FP8)
             valid = tmask
             if HAS_MASK:
                 valid = valid & (tl.load(mask_ptr + b * smask_b + t, mask=tmask, other=0) != 0)
@@ -248,6 +255,9 @@ def _decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_w
     l = torch.empty_like(m)
     if bits == 16:
         k_scale = k_zero = v_scale = v_zero = k_codes  # unused
+    fp8 = k_codes.dtype == torch.float8_e4m3fn
+    if fp8:  # bytes: a masked load's 0 is then the e4m3 bit pattern of 0.0
+        k_codes, v_codes = k_codes.view(torch.uint8), v_codes.view(torch.uint8)
     key_tg, key_dg = (key_block, 1) if key_block else (1, group_size)
     mask = kv_mask.view(torch.uint8) if kv_mask is not None else q
     stride = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
@@ -264,7 +274,7 @@ def _decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_w
         kv_mask.stride(0) if kv_mask is not None else 0, splits,
         HKV=hkv, R=r, D=d, BITS=bits, KTG=key_tg, KDG=key_dg, VDG=group_size,
         HAS_MASK=kv_mask is not None, BLOCK_R=block_r, BLOCK_T=block_t,
-        HALF=half, IEEE=q.dtype == torch.float32,
+        HALF=half, IEEE=q.dtype == torch.float32, FP8=fp8,
         num_warps=4)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     _reduce_splits_kernel[(b * hq,)](o, m, l, out, s_total, D=d,
@@ -308,6 +318,8 @@ _SPLIT_CASES = [
     ("bf16", 64, 1, 8, 0, 64, False, 4), ("fp16", 64, 8, 4, 32, 64, True, 4),
     ("fp32", 80, 7, 4, 0, 64, False, 2), ("fp32", 128, 1, 16, 0, 64, False, 2),
 ]
+# fp8 (e4m3) codes, 8 bits with token groups: bytes bitcast to e4m3, converted in registers
+_FP8_CASES = [("bf16", 128, 7, 8, 0, 128, True, 33), ("fp16", 64, 8, 8, 0, 64, False, 4)]
 
 
 def aot_specs():
@@ -318,11 +330,12 @@ def aot_specs():
     from .aot import AotSpec, aligned
 
     specs = []
-    for act, d, r, bits, kb, g, has_mask, splits in _SPLIT_CASES:
+    cases = [(*c, False) for c in _SPLIT_CASES] + [(*c, True) for c in _FP8_CASES]
+    for act, d, r, bits, kb, g, has_mask, splits, fp8 in cases:
         block_r, block_t, half = _split_blocks(d, r, act == "fp32")
         ktg, kdg = (kb, 1) if kb else (1, g)
         c = dict(HKV=8, R=r, D=d, BITS=bits, KTG=ktg, KDG=kdg, VDG=g, HAS_MASK=has_mask,
-                 BLOCK_R=block_r, BLOCK_T=block_t, HALF=half, IEEE=act == "fp32")
+                 BLOCK_R=block_r, BLOCK_T=block_t, HALF=half, IEEE=act == "fp32", FP8=fp8)
         cd = "u8" if bits != 16 else act
         types = [act, cd, "fp32", "fp32", cd, "fp32", "fp32", act, act,
                  "u8" if has_mask else act, "fp32", "fp32", "fp32"]
@@ -344,7 +357,7 @@ def aot_specs():
                 if vals[n] % 16 == 0:
                     attrs.update(aligned(i))
         sig.update({n: "constexpr" for n in c if n not in _SPLIT_INTS})
-        specs.append(AotSpec(f"decode split {act} d{d} r{r} bits{bits} kb{kb}",
+        specs.append(AotSpec(f"decode split {act} d{d} r{r} bits{bits} kb{kb}{' fp8' * fp8}",
                              _decode_split_kernel, sig, c, attrs, loads="vec16"))
     for s, d, out in ((2, 128, "bf16"), (34, 80, "fp16"), (65, 64, "fp32")):
         c = dict(D=d, BLOCK_S=triton.next_power_of_2(s), BLOCK_D=triton.next_power_of_2(d))

@@ -21,7 +21,8 @@ def make_cache(kind, config=None, **opts) -> Cache:
     if not spec.quantized:
         return DynamicCache(config=config)
     return QuantizedKVCache(config, bits=spec.bits, group_size=spec.group_size,
-                            window=spec.window, block=spec.block, key_quant=spec.key_quant)
+                            window=spec.window, block=spec.block, key_quant=spec.key_quant,
+                            fp8=spec.fp8)
 
 
 def make_static_cache(kind, config, max_cache_len: int) -> Cache:

@@ -6,6 +6,8 @@ Kinds:
   fp32 on CPU); the answers are the original's.
 * ``"int8"`` / ``"int4"``: ``quantized_cache.QuantizedKVCache`` (per-group codes, a full-precision
   recent window), read by ``pllava_fast.ops.decode_attention``.
+* ``"fp8"``: the same cache with float8 e4m3 codes, symmetric per token group (vLLM / SGLang's
+  fp8 KV; Hopper and Ada convert it natively), the int8 size with a float's dynamic range.
 * ``"unquantized"``: the quantized cache's layout and decode path with the codes stored in the
   model dtype (for exactness tests).
 
@@ -22,8 +24,8 @@ from typing import Mapping
 from .checks import is_int
 
 DEFAULT_KIND = "model-dtype"
-CACHE_KINDS = ("model-dtype", "int8", "int4")  # the public kinds (CLI choices)
-_BITS = {"unquantized": 16, "int8": 8, "int4": 4}
+CACHE_KINDS = ("model-dtype", "int8", "int4", "fp8")  # the public kinds (CLI choices)
+_BITS = {"unquantized": 16, "int8": 8, "int4": 4, "fp8": 8}
 # QuantizedKVCache's keyword options
 OPTIONS = ("window", "group_size", "block", "key_quant")
 _RENAMED = {"bf16": "model-dtype"}
@@ -53,11 +55,11 @@ class KVCacheSpec:
     """What cache ``generate()`` gets: the kind and, for the quantized kinds, its options.
 
     Args:
-        kind: "model-dtype" | "int8" | "int4" | "unquantized" (see the module docstring).
+        kind: "model-dtype" | "int8" | "int4" | "fp8" | "unquantized" (see the module docstring).
         window: most recent tokens kept in full precision (quantized kinds).
         group_size: channels per scale group, a power of two.
         block: tokens quantized at a time, and the token group of per-channel key scales.
-        key_quant: "token" (per-token groups) or "channel" (KIVI-style keys).
+        key_quant: "token" (per-token groups) or "channel" (KIVI-style keys; not with fp8).
     """
 
     kind: str = DEFAULT_KIND
@@ -75,6 +77,9 @@ class KVCacheSpec:
                              f"(unknown cache kind)")
         check_options(bits=_BITS.get(self.kind, 16), group_size=self.group_size,
                       window=self.window, block=self.block, key_quant=self.key_quant)
+        if self.fp8 and self.key_quant != "token":
+            raise ValueError("fp8 codes are per token group: key_quant='channel' needs int8 or "
+                             "int4")
 
     @classmethod
     def of(cls, kind=DEFAULT_KIND, options: Mapping | None = None) -> "KVCacheSpec":
@@ -92,7 +97,7 @@ class KVCacheSpec:
             raise ValueError(f"kv_cache must be one of {CACHE_KINDS}, got {kind!r}")
         if options and kind == DEFAULT_KIND:
             raise ValueError(f"kv_cache_options {sorted(options)} apply to the quantized caches "
-                             "only: pass kv_cache='int8' or 'int4'")
+                             "only: pass kv_cache='int8', 'int4' or 'fp8'")
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
             raise ValueError(f"unknown kv_cache_options {unknown}; expected some of {OPTIONS}")
@@ -112,12 +117,16 @@ class KVCacheSpec:
     def bits(self) -> int | None:
         return _BITS.get(self.kind)
 
+    @property
+    def fp8(self) -> bool:
+        """True when the 8-bit codes are float8 e4m3 (symmetric) rather than uint8."""
+        return self.kind == "fp8"
+
     def options(self) -> dict:
         """The options that differ from the defaults (what a user passed)."""
         default = KVCacheSpec()
         return {k: getattr(self, k) for k in OPTIONS if getattr(self, k) != getattr(default, k)}
 
-    
 
 
 def bytes_per_token(kind: str, num_layers: int, num_kv_heads: int, head_dim: int, *,
@@ -126,7 +135,7 @@ def bytes_per_token(kind: str, num_layers: int, num_kv_heads: int, head_dim: int
     """Bytes one token occupies across all layers (K and V) at steady state, excluding the window."""
     if kind in (DEFAULT_KIND, "unquantized"):
         per_head = 2 * head_dim * dtype_bytes
-    elif kind in ("int8", "int4"):
+    elif kind in ("int8", "int4", "fp8"):
         codes = head_dim * _BITS[kind] // 8
         groups = -(-head_dim // group_size)
         v_scales = 2 * 4 * groups

@@ -1,10 +1,12 @@
-"""Quantized KV cache: int8 / int4 codes with per-group scales and a full-precision recent window.
+"""Quantized KV cache: int8 / int4 / fp8 codes with per-group scales and a full-precision recent
+window.
 
 Per layer and per (sequence, KV head), the cache holds
 
-* a quantized part, oldest tokens first: codes (B, Hkv, Tq, D or D/2) uint8 plus float32 scale and
-  zero per token group of ``group_size`` channels (values, and keys by default), or per channel
-  over blocks of ``block`` tokens for keys with ``key_quant="channel"`` (KIVI);
+* a quantized part, oldest tokens first: codes (B, Hkv, Tq, D or D/2) uint8 (float8_e4m3fn with
+  ``fp8=True``) plus float32 scale and zero per token group of ``group_size`` channels (values,
+  and keys by default), or per channel over blocks of ``block`` tokens for keys with
+  ``key_quant="channel"`` (KIVI);
 * a window (B, Hkv, W, D) of the most recent tokens in the model dtype. Once it holds
   ``window + block`` tokens, the oldest multiple of ``block`` tokens are quantized, so the newest
   ``window`` tokens always stay exact.
@@ -93,9 +95,10 @@ class QuantizedKVLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, bits: int = 4, group_size: int = 64, window: int = 128, block: int = 32,
-                 key_quant: str = "token"):
+                 key_quant: str = "token", fp8: bool = False):
         super().__init__()
         self.bits, self.group_size, self.window, self.block = bits, group_size, window, block
+        self.fp8 = fp8
         self.key_block = block if key_quant == "channel" else 0
         self._reset_storage()
 
@@ -105,8 +108,9 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.n_quant = 0
 
     def __repr__(self):
-        return (f"QuantizedKVLayer(bits={self.bits}, group_size={self.group_size}, window={self.window}, "
-                f"block={self.block}, key_block={self.key_block}, tokens={self.get_seq_length()})")
+        return (f"QuantizedKVLayer(bits={self.bits}, fp8={self.fp8}, group_size={self.group_size}, "
+                f"window={self.window}, block={self.block}, key_block={self.key_block}, "
+                f"tokens={self.get_seq_length()})")
 
     def _buffers(self):
         return (self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero)
@@ -215,8 +219,9 @@ class QuantizedKVLayer(CacheLayerMixin):
             self.k_codes.append(k)
             self.v_codes.append(v)
         else:
-            kq = ops.quantize_kv(k.reshape(-1, d), self.bits, self.group_size, self.key_block)
-            vq = ops.quantize_kv(v.reshape(-1, d), self.bits, self.group_size, 0)
+            kq = ops.quantize_kv(k.reshape(-1, d), self.bits, self.group_size, self.key_block,
+                                 self.fp8)
+            vq = ops.quantize_kv(v.reshape(-1, d), self.bits, self.group_size, 0, self.fp8)
             for buf, t in zip(self._buffers(), (*kq, *vq)):
                 buf.append(t.view(b, h, -1, t.shape[-1]))
         self.n_quant += n
@@ -269,6 +274,7 @@ class QuantizedKVCache(Cache):
         config: the (text) model config, to create one layer per decoder layer up front; without
             it layers are created as ``update`` first reaches them.
         bits: 4, 8, or 16 (no quantization, same code path).
+        fp8: with ``bits=8``, float8 e4m3 codes (symmetric per token group) instead of uint8.
         group_size: channels per scale group, a power of two (32 / 64 / 128).
         window: most recent tokens kept in full precision (default 128).
         block: tokens quantized at a time once the window overflows (and, for per-channel keys,
@@ -277,13 +283,18 @@ class QuantizedKVCache(Cache):
     """
 
     def __init__(self, config=None, *, bits: int = 4, group_size: int = 64, window: int = 128,
-                 block: int = 32, key_quant: str = "token", num_layers: int | None = None):
+                 block: int = 32, key_quant: str = "token", fp8: bool = False,
+                 num_layers: int | None = None):
         check_options(bits=bits, group_size=group_size, window=window, block=block,
                       key_quant=key_quant)
+        if fp8 and (bits != 8 or key_quant != "token"):
+            raise ValueError(f"fp8 codes are bits=8 with key_quant='token', got bits={bits} "
+                             f"key_quant={key_quant!r}")
         self.bits, self.group_size, self.window, self.block, self.key_quant = (
             bits, group_size, window, block, key_quant)
+        self.fp8 = fp8
         factory = functools.partial(QuantizedKVLayer, bits=bits, group_size=group_size,
-                                    window=window, block=block, key_quant=key_quant)
+                                    window=window, block=block, key_quant=key_quant, fp8=fp8)
         if config is not None and num_layers is None:
             num_layers = config.get_text_config(decoder=True).num_hidden_layers
         if num_layers is not None:

@@ -3,8 +3,8 @@ allocated once and written in place, so one decode step can be compiled and capt
 
 Per layer, for a capacity of T tokens and a window W with flush block K:
 
-* codes (B, Hkv, T, Dc) uint8 (or the model dtype for "unquantized"), scale / zero
-  (B, Hkv, T, G) fp32: every token is quantized when written, at its own slot. Per-token groups
+* codes (B, Hkv, T, Dc) uint8 (float8_e4m3fn for "fp8", the model dtype for "unquantized"),
+  scale / zero (B, Hkv, T, G) fp32: every token is quantized when written, at its own slot. Per-token groups
   make these the very codes ``QuantizedKVLayer`` computes later at its flush;
 * a full-precision ring (B, Hkv, W + K, D) holding the newest W + K tokens at slot ``t % (W + K)``;
 * ``cumulative_length``, a 0-d tensor (never a Python int, so the length is not baked into a graph).
@@ -61,7 +61,8 @@ class StaticQuantizedLayer(CacheLayerMixin):
             code_shape, code_dtype, groups = (b, h, t, d), dt, 0
         else:
             dc = d // 2 if self.bits == 4 else d
-            code_shape, code_dtype, groups = (b, h, t, dc), torch.uint8, -(-d // self.group_size)
+            code_dtype = torch.float8_e4m3fn if self.spec.fp8 else torch.uint8
+            code_shape, groups = (b, h, t, dc), -(-d // self.group_size)
         self.k_codes = torch.zeros(code_shape, dtype=code_dtype, device=dev)
         self.v_codes = torch.zeros_like(self.k_codes)
         self.k_scale, self.k_zero, self.v_scale, self.v_zero = (
@@ -84,7 +85,10 @@ class StaticQuantizedLayer(CacheLayerMixin):
         if self.bits == 16:
             codes.index_copy_(2, slots, x.to(codes.dtype))
         else:
-            c, s, z = ops.quantize_kv(x.reshape(-1, d), self.bits, self.group_size, 0)
+            c, s, z = ops.quantize_kv(x.reshape(-1, d), self.bits, self.group_size, 0,
+                                      self.spec.fp8)
+            if c.dtype == torch.float8_e4m3fn:  # index_copy_ has no fp8 kernel: copy the bytes
+                codes, c = codes.view(torch.uint8), c.view(torch.uint8)
             codes.index_copy_(2, slots, c.view(b, h, q, -1))
             scale.index_copy_(2, slots, s.view(b, h, q, -1))
             zero.index_copy_(2, slots, z.view(b, h, q, -1))

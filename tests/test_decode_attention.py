@@ -14,7 +14,7 @@ def sqnr_db(x, y):
 
 
 def make_inputs(b=1, hq=4, hkv=1, d=64, tq=64, tw=4, bits=4, group=32, key_block=0,
-                pads=None, dtype=torch.float32):
+                pads=None, dtype=torch.float32, fp8=False):
     """Random K/V split into a quantized part (Tq) and a window (W); ``pads[i]`` left-pads
     sequence i. Returns (decode_attention args dict, q, original K, original V)."""
     q = torch.randn(b, hq, d).to(dtype)
@@ -25,8 +25,12 @@ def make_inputs(b=1, hq=4, hkv=1, d=64, tq=64, tw=4, bits=4, group=32, key_block
     def quant(x, block):
         if bits == 16:
             return x.to(dtype), None, None
-        codes, scale, zero = (kf.quantize_channels_ref(x.reshape(-1, d), bits, block) if block else
-                              kf.quantize_groups_ref(x.reshape(-1, d), bits, group))
+        if fp8:
+            codes, scale, zero = kf.quantize_fp8_ref(x.reshape(-1, d), group)
+        elif block:
+            codes, scale, zero = kf.quantize_channels_ref(x.reshape(-1, d), bits, block)
+        else:
+            codes, scale, zero = kf.quantize_groups_ref(x.reshape(-1, d), bits, group)
         rows, width = (tq // block, d) if block else (tq, -(-d // group))
         return (codes.view(b, hkv, tq, codes.shape[-1]), scale.view(b, hkv, rows, width),
                 zero.view(b, hkv, rows, width))
@@ -69,6 +73,7 @@ KERNEL_CASES = {
     "fp_format": dict(b=2, tq=100, tw=5, hq=4, hkv=2, d=16, bits=16),
     "yi34b_heads_56_8": dict(tq=64, tw=3, hq=56, hkv=8, d=128, group=128),
     "fp16": dict(tq=200, tw=16, hq=4, hkv=1, bits=8, dtype=torch.float16),
+    "fp8_d80_gqa7_pad": dict(b=2, tq=100, tw=5, hq=7, hkv=1, d=80, bits=8, fp8=True, pads=[0, 30]),
 }
 
 
@@ -120,10 +125,12 @@ def test_kernel_bf16_cuda(bits):
     torch.testing.assert_close(out.float(), da.decode_attention_ref(**args).float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("bits,group,key_block,floor", [(8, 64, 0, 35), (4, 32, 0, 15), (4, 64, 32, 15)])
-def test_quantized_attention_vs_original_kv(bits, group, key_block, floor):
+@pytest.mark.parametrize("bits,group,key_block,fp8,floor", [
+    (8, 64, 0, False, 35), (8, 64, 0, True, 25), (4, 32, 0, False, 15), (4, 64, 32, False, 15)])
+def test_quantized_attention_vs_original_kv(bits, group, key_block, fp8, floor):
+    # fp8 keeps 3 mantissa bits (~-30 dB per element) where int8 keeps ~8 bits over the group range
     args, q, k, v = make_inputs(b=2, hq=8, hkv=2, d=64, tq=480, tw=16, bits=bits, group=group,
-                                key_block=key_block, pads=[0, 100])
+                                key_block=key_block, pads=[0, 100], fp8=fp8)
     exact = sdpa_fp32(q, k, v, args["kv_mask"], args["sm_scale"])
     assert sqnr_db(exact, ops.decode_attention(**args)) >= floor
 

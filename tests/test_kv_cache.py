@@ -99,7 +99,7 @@ def agreement_setup():
 
 
 @pytest.mark.parametrize("kind,key_quant,floor", [("int8", "token", 0.99), ("int4", "token", 0.95),
-                                                  ("int4", "channel", 0.95)])
+                                                  ("int4", "channel", 0.95), ("fp8", "token", 0.97)])
 def test_teacher_forced_agreement(agreement_setup, kind, key_quant, floor, capsys):
     model, ids, mask, prompt_len, ref = agreement_setup
     top2 = ref.topk(2, dim=-1).values
@@ -116,7 +116,8 @@ def test_teacher_forced_agreement(agreement_setup, kind, key_quant, floor, capsy
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kind,floor", [("unquantized", 1.0), ("int8", 0.99), ("int4", 0.95)])
+@pytest.mark.parametrize("kind,floor", [("unquantized", 1.0), ("int8", 0.99), ("int4", 0.95),
+                                        ("fp8", 0.97)])
 def test_teacher_forced_agreement_cuda_bf16(kind, floor):
     # the Triton decode kernel and quantize kernels inside generation, bf16 on the GPU
     model = toy_model().to("cuda", torch.bfloat16)
@@ -128,7 +129,7 @@ def test_teacher_forced_agreement_cuda_bf16(kind, floor):
     assert agree >= floor - (0.02 if kind == "unquantized" else 0)  # fp: bf16 summation-order ties
 
 
-@pytest.mark.parametrize("kind,bits", [("int8", 8), ("int4", 4)])
+@pytest.mark.parametrize("kind,bits", [("int8", 8), ("int4", 4), ("fp8", 8)])
 def test_bytes_per_token_match_format(kind, bits):
     model = tiny_llama(head_dim=32, num_attention_heads=4)  # 2 layers, 2 KV heads
     ids, mask = left_padded(2, 160, 128, [0, 9])
@@ -221,9 +222,12 @@ def test_handle_needs_pllava_attention():
 def test_make_cache_kinds_and_errors():
     cfg = LlamaConfig(num_hidden_layers=3)
     assert isinstance(make_cache("model-dtype", cfg), DynamicCache)
-    for kind, bits in (("unquantized", 16), ("int8", 8), ("int4", 4)):
+    for kind, bits in (("unquantized", 16), ("int8", 8), ("int4", 4), ("fp8", 8)):
         cache = make_cache(kind, cfg, window=64, group_size=128)
         assert isinstance(cache, QuantizedKVCache) and cache.bits == bits and len(cache.layers) == 3
+        assert cache.fp8 == (kind == "fp8") and cache.layers[0].fp8 == cache.fp8
+    with pytest.raises(ValueError, match="fp8 codes are per token group"):
+        make_cache("fp8", cfg, key_quant="channel")
     with pytest.raises(ValueError, match="unknown cache kind"):
         make_cache("int2", cfg)
     with pytest.raises(ValueError, match="group_size"):

@@ -105,7 +105,7 @@ def test_op_cpu_matches_reference_and_opcheck(key_block):
     ref = kf.quantize_channels_ref(x, 4, key_block) if key_block else kf.quantize_groups_ref(x, 4, 16)
     for a, b in zip(out, ref):
         assert torch.equal(a, b)
-    torch.library.opcheck(ops.kv_quant._quantize_kv_op, (x, 4, 16, key_block))
+    torch.library.opcheck(ops.kv_quant._quantize_kv_op, (x, 4, 16, key_block, False))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -119,6 +119,33 @@ def test_op_cpu_matches_reference_and_opcheck(key_block):
 def test_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ops.quantize_kv(**kwargs)
+
+
+@pytest.mark.parametrize("d,group", [(64, 64), (80, 32), (48, 128)])
+def test_fp8_codes_error_bound(d, group):
+    # e4m3 keeps 3 mantissa bits: a normal value rounds to within 2**-4 of itself; values below
+    # the smallest normal (2**-6 after scaling) to within half a subnormal step (2**-10)
+    x = torch.randn(96, d) * torch.logspace(-3, 2, 96)[:, None]
+    x[5] = 0.0
+    codes, scale, zero = ops.quantize_kv(x, bits=8, group_size=group, fp8=True)
+    assert codes.dtype == torch.float8_e4m3fn and codes.shape == (96, d)
+    assert scale.shape == (96, -(-d // group)) and (zero == 0).all() and (scale[5] == 0).all()
+    s = scale.repeat_interleave(group, -1)[:, :d]
+    xhat = kf.dequantize_kv_ref(codes[None, None], scale[None, None], zero[None, None], 8, d,
+                                group)[0, 0]
+    bound = x.abs() * 2 ** -4 + s * 2 ** -10
+    assert ((xhat - x).abs() <= bound * (1 + 1e-5) + 1e-30).all()
+    # each group's largest magnitude maps to the largest finite e4m3, 448, and back
+    gmax = torch.nn.functional.pad(x.abs(), (0, -d % group)).view(96, -1, group).amax(-1)
+    torch.testing.assert_close(scale * kf.FP8_MAX, gmax, rtol=1e-6, atol=0)
+    torch.library.opcheck(ops.kv_quant._quantize_kv_op, (x, 8, group, 0, True))
+
+
+def test_fp8_refuses_other_layouts():
+    for kwargs in (dict(bits=4, fp8=True), dict(bits=8, key_block=16, fp8=True),
+                   dict(bits=8, fp8=1)):
+        with pytest.raises(ValueError, match="fp8"):
+            ops.quantize_kv(torch.randn(32, 16), group_size=16, **kwargs)
 
 
 def test_traces_under_torch_compile():

@@ -13,7 +13,7 @@ from pllava_fast.model import PllavaForConditionalGeneration
 from pllava_fast.testing import random_pixel_values
 
 OPTS = {"window": 8, "block": 4, "group_size": 16}
-KINDS = [("model-dtype", {}), ("int8", OPTS), ("int4", OPTS), ("unquantized", OPTS)]
+KINDS = [("model-dtype", {}), ("int8", OPTS), ("int4", OPTS), ("fp8", OPTS), ("unquantized", OPTS)]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,9 @@ def test_compiled_greedy_tokens_equal_eager(model, inputs, kind, opts):
     assert decoder.stats["graphs"] == 1 and again.shape[1] == inputs["input_ids"].shape[1] - 1 + 20
 
 
-def test_static_and_dynamic_quantized_caches_hold_identical_codes(model, inputs):
-    spec = KVCacheSpec.of("int4", OPTS)
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_static_and_dynamic_quantized_caches_hold_identical_codes(model, inputs, kind):
+    spec = KVCacheSpec.of(kind, OPTS)
     dynamic = make_cache(spec, model.config)
     n_vis = model.multi_modal_projector.num_visual_tokens
     length = inputs["input_ids"].shape[1] - 1 + n_vis
@@ -68,7 +69,8 @@ def test_static_and_dynamic_quantized_caches_hold_identical_codes(model, inputs)
     d, s = dynamic.layers[0], static.layers[0]
     n = d.n_quant
     assert n > 0 and int(s._n_quant()) == n
-    assert torch.equal(s.k_codes[:, :, :n], d.k_codes.view())
+    assert s.k_codes.dtype == d.k_codes.view().dtype
+    assert torch.equal(s.k_codes[:, :, :n].view(torch.uint8), d.k_codes.view().view(torch.uint8))
     assert torch.equal(s.v_scale[:, :, :n], d.v_scale.view())
     for a, b in zip(s.dequantize(), d.dequantize()):
         assert torch.equal(a, b)

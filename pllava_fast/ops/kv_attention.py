@@ -66,9 +66,11 @@ def decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor
         raise ValueError(f"k_win and v_win must be floating tensors of one shape, got {k_win.dtype} "
                          f"{tuple(k_win.shape)} and {v_win.dtype} {tuple(v_win.shape)}")
     if bits != 16:
-        if k_codes.dtype != torch.uint8 or v_codes.dtype != torch.uint8:
-            raise ValueError(f"codes must be uint8 at {bits} bits, got {k_codes.dtype}, "
-                             f"{v_codes.dtype}")
+        # fp8 (e4m3) codes read as int8 ones: converted to float, then code * scale + zero
+        allowed = (torch.uint8, torch.float8_e4m3fn) if bits == 8 else (torch.uint8,)
+        if k_codes.dtype not in allowed or v_codes.dtype != k_codes.dtype:
+            raise ValueError(f"codes must be one dtype of {allowed} at {bits} bits, got "
+                             f"{k_codes.dtype}, {v_codes.dtype}")
         group_size = power_of_two("group_size", group_size, minimum=2)
         groups = -(-d // group_size)
         key_shape = (b, hkv, tq // key_block, d) if key_block else (b, hkv, tq, groups)

@@ -1,7 +1,9 @@
-"""``pllava_fast::quantize_kv``: int8 / int4 codes of KV rows (format: ``kernels/kv_format.py``).
+"""``pllava_fast::quantize_kv``: int8 / int4 / fp8 codes of KV rows (format:
+``kernels/kv_format.py``).
 
-Wrapper (validates) -> custom op (CUDA: the Triton kernels of ``kernels/kv_quant.py``; CPU: the
-plain-torch format definition) -> fake.
+Wrapper (validates) -> custom op (CUDA: the Triton kernels of ``kernels/kv_quant.py``; fp8, and
+CPU: the plain-torch format definition, a handful of elementwise ops that inductor fuses under
+torch.compile) -> fake.
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from ._common import TRITON_DTYPES
 KV_BITS = (4, 8, 16)
 
 
-def quantize_kv(x: Tensor, bits: int = 4, group_size: int = 64, key_block: int = 0):
-    """Asymmetric int8 / int4 quantization of KV rows (format in ``kernels/kv_format.py``).
+def quantize_kv(x: Tensor, bits: int = 4, group_size: int = 64, key_block: int = 0,
+                fp8: bool = False):
+    """Asymmetric int8 / int4, or symmetric fp8 (e4m3, ``fp8=True`` with ``bits=8``),
+    quantization of KV rows (format in ``kernels/kv_format.py``).
 
     Args:
         x: (N, D) floating, one row per (sequence, head, token).
@@ -26,8 +30,8 @@ def quantize_kv(x: Tensor, bits: int = 4, group_size: int = 64, key_block: int =
             consecutive rows (a power of two dividing N).
 
     Returns:
-        codes (N, D or D // 2) uint8, scale and zero float32: (N, ceil(D / group_size)) for token
-        groups, (N // key_block, D) for channel groups.
+        codes (N, D or D // 2) uint8 (float8_e4m3fn for fp8), scale and zero float32:
+        (N, ceil(D / group_size)) for token groups, (N // key_block, D) for channel groups.
     """
     if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"x must be a floating (N, D) tensor, got {getattr(x, 'dtype', type(x))} "
@@ -42,22 +46,30 @@ def quantize_kv(x: Tensor, bits: int = 4, group_size: int = 64, key_block: int =
             key_block and (key_block & (key_block - 1) or x.shape[0] % key_block)):
         raise ValueError(f"key_block must be 0 or a power of two dividing N={x.shape[0]}, "
                          f"got {key_block!r}")
-    return _quantize_kv_op(x.contiguous(), int(bits), int(group_size), int(key_block))
+    if not isinstance(fp8, bool) or fp8 and (bits != 8 or key_block):
+        raise ValueError(f"fp8 codes are bits=8 with token groups (key_block=0), got fp8={fp8!r} "
+                         f"bits={bits} key_block={key_block}")
+    return _quantize_kv_op(x.contiguous(), int(bits), int(group_size), int(key_block), fp8)
 
 
 @torch.library.custom_op("pllava_fast::quantize_kv", mutates_args=())
-def _quantize_kv_op(x: Tensor, bits: int, group_size: int, key_block: int) -> tuple[Tensor, Tensor, Tensor]:
+def _quantize_kv_op(x: Tensor, bits: int, group_size: int, key_block: int,
+                    fp8: bool) -> tuple[Tensor, Tensor, Tensor]:
     # CPU: the format's own definition (plain torch)
+    if fp8:
+        return kv_format.quantize_fp8_ref(x, group_size)
     if key_block:
         return kv_format.quantize_channels_ref(x, bits, key_block)
     return kv_format.quantize_groups_ref(x, bits, group_size)
 
 
 @_quantize_kv_op.register_kernel("cuda")
-def _quantize_kv_cuda(x, bits, group_size, key_block):
+def _quantize_kv_cuda(x, bits, group_size, key_block, fp8):
     # imported here: Triton (and its interpreter flag) only matters once a kernel runs
     from ..kernels import kv_quant
 
+    if fp8:  # elementwise torch: the GPU converts to e4m3 natively (Hopper / Ada)
+        return kv_format.quantize_fp8_ref(x, group_size)
     if x.dtype not in TRITON_DTYPES:  # fp64: the format's plain-torch definition, on the GPU
         if key_block:
             return kv_format.quantize_channels_ref(x, bits, key_block)
@@ -68,8 +80,9 @@ def _quantize_kv_cuda(x, bits, group_size, key_block):
 
 
 @_quantize_kv_op.register_fake
-def _(x, bits, group_size, key_block):
+def _(x, bits, group_size, key_block, fp8):
     n, d = x.shape
-    codes = x.new_empty(n, d // 2 if bits == 4 else d, dtype=torch.uint8)
+    codes = x.new_empty(n, d // 2 if bits == 4 else d,
+                        dtype=torch.float8_e4m3fn if fp8 else torch.uint8)
     shape = (n // key_block, d) if key_block else (n, -(-d // group_size))
     return codes, x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
