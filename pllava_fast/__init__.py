@@ -12,6 +12,7 @@ _EXPORTS = {
     "PllavaConfig": "config",
     "PllavaForConditionalGeneration": "model",
     "KVCacheSpec": "kv_spec",
+    "WeightSpec": "weight_spec",
     "QuantizedKVCache": "quantized_cache",
     "make_cache": "kv_cache",
     "patch": "patching",
@@ -31,7 +32,7 @@ _SUBMODULES = {
     "conversation", "dataset", "devices", "inputs", "jsonio", "kernels", "kv_cache", "kv_spec",
     "llm_decode", "loading", "merge", "model", "ops", "original", "patching", "pipeline",
     "preflight", "preprocess", "profile", "projector", "quantized_cache", "shapes",
-    "static_cache", "testing", "timing", "video", "weight_quant",
+    "static_cache", "testing", "timing", "video", "weight_quant", "weight_spec",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

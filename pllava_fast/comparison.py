@@ -30,12 +30,14 @@ QUESTION = "Describe the video in detail."
 
 # -- comparison ---------------------------------------------------------------------------------
 def build_pipeline(model_dir=None, *, shape="tiny", device="cpu", dtype="auto",
-                   kv_cache="model-dtype", num_frames=None, kv_cache_options=None) -> VideoPipeline:
-    """A pipeline on a checkpoint directory, the tiny random model, or random weights of a shape."""
+                   kv_cache="model-dtype", num_frames=None, kv_cache_options=None,
+                   compile=False) -> VideoPipeline:
+    """A pipeline on a checkpoint directory, the tiny random model, or random weights of a shape
+    (``compile``: its compiled decode loop, ``VideoPipeline``'s)."""
     if model_dir is not None:
         return VideoPipeline.from_pretrained(model_dir, device=device, dtype=dtype,
                                              kv_cache=kv_cache, kv_cache_options=kv_cache_options,
-                                             num_frames=num_frames)
+                                             num_frames=num_frames, compile=compile)
     if shape == "tiny":
         tmp = tempfile.mkdtemp(prefix="pllava-fast-bench-")
         # PLLaVA's 16 frames (pooled 16x2x2 on the tiny 4x4 grid): decode and preprocessing
@@ -44,7 +46,7 @@ def build_pipeline(model_dir=None, *, shape="tiny", device="cpu", dtype="auto",
         return VideoPipeline.from_pretrained(path,
                                              device=device, dtype=dtype, kv_cache=kv_cache,
                                              kv_cache_options=kv_cache_options,
-                                             num_frames=num_frames)
+                                             num_frames=num_frames, compile=compile)
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; expected 'tiny' or one of {sorted(SHAPES)}")
     spec = SHAPES[shape]
@@ -65,7 +67,8 @@ def build_pipeline(model_dir=None, *, shape="tiny", device="cpu", dtype="auto",
     finally:
         torch.set_default_dtype(previous)
     return VideoPipeline(model.eval(), tokenizer, kv_cache=kv_cache,
-                         kv_cache_options=kv_cache_options, num_frames=num_frames)
+                         kv_cache_options=kv_cache_options, num_frames=num_frames,
+                         compile=compile)
 
 
 def _median_timings(runs):

@@ -18,58 +18,17 @@ subclasses are not safetensors): quantize at load time instead.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-from typing import Mapping
 
 import torch
 from torch import nn
 
-from .checks import is_int
+from .weight_spec import WeightSpec
 
-WEIGHT_KINDS = ("int8", "int4")
 LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-OPTIONS = ("group_size", "lm_head", "embeddings", "vision", "projector")
 # int4 layout -> (device types, activation dtypes)
 INT4_LAYOUTS = {"cpu_opaque": (("cpu",), (torch.bfloat16, torch.float32, torch.float16)),
                 "tile_packed_to_4d": (("cuda",), (torch.bfloat16,))}
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightSpec:
-    """Which weights become int8 / int4. kind: "int8" | "int4"; group_size: int4 channels per
-    scale (32 / 64 / 128); lm_head / embeddings / vision / projector: also quantize those."""
-
-    kind: str
-    group_size: int = 128
-    lm_head: bool = False
-    embeddings: bool = False
-    vision: bool = False
-    projector: bool = False
-
-    def __post_init__(self):
-        if self.kind not in WEIGHT_KINDS:
-            raise ValueError(f"weights must be one of {WEIGHT_KINDS} or None, got {self.kind!r}")
-        if not is_int(self.group_size) or self.group_size not in (32, 64, 128, 256):
-            raise ValueError(f"group_size must be 32, 64, 128 or 256, got {self.group_size!r}")
-        for name in OPTIONS[1:]:
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"weight option {name} must be True or False, got "
-                                 f"{getattr(self, name)!r}")
-
-    @classmethod
-    def of(cls, weights, options: Mapping | None = None) -> "WeightSpec | None":
-        """A spec from ``weights`` (None, a kind or a spec) and options; None: as stored."""
-        if weights is None:
-            if options:
-                raise ValueError(f"weight_options {sorted(options)} need weights='int8' or 'int4'")
-            return None
-        if isinstance(weights, WeightSpec):
-            return weights
-        unknown = sorted(set(options or {}) - set(OPTIONS))
-        if unknown:
-            raise ValueError(f"unknown weight_options {unknown}; expected some of {OPTIONS}")
-        return cls(weights, **dict(options or {}))
 
 
 def _torchao():

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pllava_fast import cli
 from pllava_fast.testing import make_clip
@@ -107,7 +108,7 @@ def test_kv_cache_flags_parse_the_same_everywhere(sub):
 
 
 @pytest.mark.parametrize("sub", ["caption", "demo", "chat", "bench"])
-@pytest.mark.parametrize("flags,match", [(["--kv-window", "8"], "--kv-window: only with --kv-cache int8"),
+@pytest.mark.parametrize("flags,match", [(["--kv-window", "8"], "--kv-window: only with a quantized --kv-cache"),
                                          (["--kv-cache", "int8", "--kv-group-size", "3"],
                                           "--kv-group-size")])
 def test_bad_kv_cache_flags_exit_2(sub, flags, match, capsys, clip, tiny_dir):
@@ -137,3 +138,53 @@ def test_kv_cache_flags_reach_the_pipeline(monkeypatch, capsys, clip, tiny_dir):
                      "--kv-cache", "int4", "--kv-window", "16"]) == 0
     spec = pipes[1].kv_cache_spec
     assert (spec.kind, spec.options()) == ("int4", {"window": 16})
+
+
+def test_speed_flags_reach_the_pipeline(monkeypatch, capsys, clip, tiny_dir):
+    # --compile, --weights and --kv-cache fp8 as the pipeline gets them, and the same caption
+    # greedy tokens with the compiled loop as without it
+    pytest.importorskip("torchao")
+    from pllava_fast.pipeline import VideoPipeline
+
+    pipes = []
+    load = VideoPipeline.from_pretrained.__func__
+    monkeypatch.setattr(VideoPipeline, "from_pretrained", classmethod(
+        lambda cls, *a, **kw: pipes.append(load(cls, *a, **kw)) or pipes[-1]))
+    base = ["caption", clip, "--model", tiny_dir, "--max-new-tokens", "4"]
+    assert cli.main(base) == 0
+    eager = capsys.readouterr().out
+    assert cli.main(base + ["--compile"]) == 0
+    assert capsys.readouterr().out == eager
+    assert pipes[1].compile and pipes[1].decoder is not None
+    assert cli.main(base + ["--kv-cache", "fp8", "--weights", "int4", "--weight-group-size",
+                            "32"]) == 0
+    pipe = pipes[2]
+    assert pipe.kv_cache_spec.fp8 and pipe.dtype == torch.bfloat16
+    linear = pipe.model.language_model.model.layers[0].self_attn.q_proj
+    assert hasattr(linear.weight, "__tensor_flatten__")  # a torchao tensor subclass
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--weight-group-size", "32"], "--weight-group-size: only with --weights"),
+    (["--weights", "int4", "--weight-group-size", "48"], "--weight-group-size: group_size"),
+    (["--weights", "int2"], "invalid choice"),
+    (["--compile", "--kv-cache", "int4", "--kv-key-quant", "channel"], "--compile needs"),
+])
+def test_bad_speed_flags_exit_2(flags, match, capsys, clip, tiny_dir):
+    assert cli.main(["caption", clip, "--model", tiny_dir, *flags]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+
+
+def test_weights_that_cannot_run_here_fail_before_the_load(monkeypatch, capsys, clip, tiny_dir):
+    # the small trial layer fails (no kernel for the layout here): one line, exit 2, no load
+    from pllava_fast import weight_quant
+    from pllava_fast.pipeline import VideoPipeline
+
+    monkeypatch.setattr(weight_quant, "_trial", lambda *a: "RuntimeError: no kernel here")
+    monkeypatch.setattr(VideoPipeline, "from_pretrained", classmethod(
+        lambda cls, *a, **kw: pytest.fail("the model loaded")))
+    assert cli.main(["caption", clip, "--model", tiny_dir, "--weights", "int4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --weights int4: ") and "no kernel here" in err
+    assert len(err.splitlines()) == 1

@@ -72,8 +72,11 @@ C --num-frames 2.5 | invalid int value ; C --dtype int7 | --dtype ; C --device m
 C --device foo | --device ; C --device cuda:7 | --device ; C --workers -1 | --workers
 C --workers 100000 | --workers ; C --batch-size 0 | --batch-size
 C --max-new-tokens 0 | --max-new-tokens ; C --max-new-tokens 100000 | 100000 new tokens
-C --kv-cache int8 --kv-window -1 | --kv-window ; C --kv-window 8 | only with --kv-cache
+C --kv-cache int8 --kv-window -1 | --kv-window ; C --kv-window 8 | only with a quantized --kv-cache
 C --kv-cache int8 --kv-group-size 3 | --kv-group-size ; C --pooling 2.5,2,2 | --pooling
+C --weight-group-size 64 | only with --weights ; C --weights int4 --weight-group-size 7 | group_size
+C --kv-cache fp8 --kv-key-quant channel | per token group ; C --weights fp4 | invalid choice
+C --compile --kv-cache int8 --kv-key-quant channel | --compile needs
 C --pooling 0,1,1 | --pooling ; C --prompt {two_images} | exactly one
 C --output {emptydir} | is a folder ; C --output {root}/nope/o.jsonl | does not exist
 C --output /dev/null | not a regular file ; caption {clip} --model {file} | is a file

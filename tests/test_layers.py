@@ -26,7 +26,7 @@ LAYER_OF = {
     "pllava_fast.quantized_cache": "model", "pllava_fast.attention": "model",
     "pllava_fast.conversation": "model", "pllava_fast.shapes": "model", "pllava_fast.merge": "model",
     "pllava_fast.llm_decode": "model", "pllava_fast.static_cache": "model",
-    "pllava_fast.weight_quant": "model",
+    "pllava_fast.weight_quant": "model", "pllava_fast.weight_spec": "model",
     "pllava_fast.video": "pipeline", "pllava_fast.preprocess": "pipeline",
     "pllava_fast.pipeline": "pipeline", "pllava_fast.timing": "pipeline",
     "pllava_fast.inputs": "pipeline", "pllava_fast.dataset": "pipeline",

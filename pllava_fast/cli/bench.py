@@ -17,7 +17,7 @@ from ..kv_spec import CACHE_KINDS
 from ..shapes import SHAPES
 from .common import (UsageError, add_max_new_tokens_argument, add_model_argument,
                      add_num_frames_argument, add_runtime_arguments, check_context_fit,
-                     check_memory_fit, check_prompt, device_of, kv_cache_spec, positive,
+                     check_memory_fit, check_prompt, device_of, kv_cache_spec, positive, runtime_options,
                      tiny_info)
 
 QUESTION = "Describe the video in detail."  # comparison.QUESTION, the prompt compare() times
@@ -39,7 +39,7 @@ def configure_parser(parser: argparse.ArgumentParser):
                         help="memory budget of the videos-per-batch estimate (default 80)")
     parser.add_argument("--capacity-kv", default="int4", choices=CACHE_KINDS,
                         help="KV format of the videos-per-batch estimate for pllava-fast")
-    add_runtime_arguments(parser, "print the result as JSON")
+    add_runtime_arguments(parser, "print the result as JSON", weights=False)
 
 
 def check(args) -> None:
@@ -53,6 +53,7 @@ def check(args) -> None:
         raise UsageError("--batch-size is for the default clip: with --video, give one --video "
                          "per video of the batch")
     args.kv_spec = kv_cache_spec(args)
+    args.runtime = runtime_options(args)
     headers = []
     for v in args.video or []:
         header = preflight.video_header(v)
@@ -99,7 +100,8 @@ def run(args) -> int:
         videos = args.video or [default_video(tmp)] * args.batch_size
         t0 = time.perf_counter()
         pipe = build_pipeline(args.model, shape=args.shape, device=args.device, dtype=args.dtype,
-                              num_frames=args.num_frames, kv_cache=args.kv_spec)
+                              num_frames=args.num_frames, kv_cache=args.kv_spec,
+                              compile=args.compile)
         _check_built(pipe, args, videos)
         result = compare(pipe, videos, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
                          budget_gb=args.budget_gb, capacity_kv=args.capacity_kv)

@@ -27,9 +27,10 @@ from ..checks import check_path
 from ..inputs import dedupe, dist_env, list_inputs, local_rank, shard
 from .common import (EXIT_OK, EXIT_SOME_FAILED, UsageError, add_device_arguments,
                      add_kv_cache_arguments, add_max_new_tokens_argument, add_model_argument,
-                     add_num_frames_argument, check_context_fit, check_memory_fit, check_prompt,
-                     device_of, finite_times, kv_cache_spec, one_line, parse_pooling, positive,
-                     start_within)
+                     add_num_frames_argument, add_speed_arguments, check_context_fit,
+                     check_memory_fit, check_prompt, check_weights_runnable, device_of,
+                     finite_times, kv_cache_spec, one_line, parse_pooling, positive,
+                     runtime_options, start_within)
 
 DEFAULT_PROMPT = "Describe the video in detail."
 
@@ -42,6 +43,7 @@ def configure_parser(parser: argparse.ArgumentParser):
     parser.add_argument("--pooling", default=None, metavar="T,H,W",
                         help="pooling shape (default: the model's, e.g. 16,12,12)")
     add_kv_cache_arguments(parser)
+    add_speed_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=1, help="videos per generate() call")
     parser.add_argument("--stream", action="store_true",
                         help="print tokens as they are generated (direct mode, batch 1)")
@@ -77,6 +79,7 @@ def check(args) -> None:
     finite_times(args.start, args.end)
     args.pooling_shape = parse_pooling(args.pooling)
     args.kv_spec = kv_cache_spec(args)
+    args.runtime = runtime_options(args)
     prompt = check_prompt("--prompt", args.prompt)
     if args.input and not args.output:
         raise UsageError("--input needs --output (the captions JSONL)")
@@ -114,6 +117,7 @@ def check(args) -> None:
     check_context_fit(info, prompt=prompt, pooling=args.pooling_shape,
                       max_new_tokens=args.max_new_tokens)
     args.device = device_of(args, local_rank(args.rank))
+    check_weights_runnable(args)
     check_memory_fit(info, headers=headers, num_frames=args.num_frames,
                      batch_size=min(args.batch_size, len(items)), device=args.device,
                      dtype=args.dtype)
@@ -173,9 +177,9 @@ def load_pipeline(args, device):
     from ..pipeline import VideoPipeline
 
     return VideoPipeline.from_pretrained(
-        args.model, device=device, dtype=args.dtype, kv_cache=args.kv_spec,
+        args.model, device=device, dtype=args.dtype,
         device_map=getattr(args, "device_map", None), num_frames=args.num_frames,
-        pooling_shape=args.pooling_shape)
+        pooling_shape=args.pooling_shape, **args.runtime)
 
 
 def _progress(args, total, desc):

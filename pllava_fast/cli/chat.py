@@ -13,9 +13,10 @@ import sys
 
 from .. import jsonio, preflight
 from .common import (add_device_arguments, add_kv_cache_arguments, add_max_new_tokens_argument,
-                     add_model_argument, add_num_frames_argument, check_context_fit,
-                     check_memory_fit, check_prompt, device_of, finite_times, kv_cache_spec,
-                     one_line, positive, start_within)
+                     add_model_argument, add_num_frames_argument, add_speed_arguments,
+                     check_context_fit, check_memory_fit, check_prompt, check_weights_runnable,
+                     device_of, finite_times, kv_cache_spec, one_line, positive,
+                     runtime_options, start_within)
 
 
 def configure_parser(parser: argparse.ArgumentParser):
@@ -25,6 +26,7 @@ def configure_parser(parser: argparse.ArgumentParser):
                         help="conversation template (plain, vcg, mvbench, chatml, ...)")
     add_num_frames_argument(parser)
     add_kv_cache_arguments(parser)
+    add_speed_arguments(parser)
     add_max_new_tokens_argument(parser, 256)
     parser.add_argument("--start", type=float, default=None, help="start time (s)")
     parser.add_argument("--end", type=float, default=None, help="end time (s)")
@@ -40,6 +42,7 @@ def check(args) -> None:
     positive("--max-new-tokens", args.max_new_tokens)
     finite_times(args.start, args.end)
     args.kv_spec = kv_cache_spec(args)
+    args.runtime = runtime_options(args)
     first_turn = check_prompt("--template", "", template=args.template)  # unknown ones fail here
     info = preflight.checkpoint(args.model)
     header = preflight.video_header(args.video)
@@ -47,6 +50,7 @@ def check(args) -> None:
     check_context_fit(info, prompt=first_turn, pooling=None, max_new_tokens=args.max_new_tokens,
                       what="the conversation")
     args.device = device_of(args)
+    check_weights_runnable(args)
     check_memory_fit(info, headers=[header], num_frames=args.num_frames, batch_size=1,
                      device=args.device, dtype=args.dtype)
 
@@ -58,7 +62,7 @@ def run(args) -> int:
     from ..pipeline import VideoPipeline
 
     pipe = VideoPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                         kv_cache=args.kv_spec, num_frames=args.num_frames)
+                                         num_frames=args.num_frames, **args.runtime)
     chat = Chat(pipe, args.video, template=args.template, start=args.start, end=args.end)
     interactive = sys.stdin.isatty()
     stream = args.stream and not args.json

@@ -14,13 +14,16 @@ traceback follows only with ``--debug`` or ``PLLAVA_FAST_DEBUG=1``.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
 import traceback
+import warnings
 
 from ..devices import DTYPE_CHOICES
 from ..kv_spec import CACHE_KINDS, KEY_QUANT, KVCacheSpec
+from ..weight_spec import GROUP_SIZES, WEIGHT_KINDS, WeightSpec
 from ..shapes import TINY_DEFAULTS, TINY_MAX_POSITIONS
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -48,10 +51,27 @@ def error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
 
 
+# notices that say nothing about the user's run (shown with --debug): torchao's CUDA-only .so
+# files on a CPU build, torch's pytree deprecation notes about torchao's enums, and the AOT
+# autograd cache's hint about torchao's tensor subclasses
+_QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+_QUIET_WARNINGS = (".*_stable_hash_for_caching",)
+
+
+def quiet_libraries() -> None:
+    """Keep third-party import-time notices to errors (``--debug`` keeps them)."""
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for message in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
 def run_command(module, args) -> int:
     """``module.check(args)`` (cheap checks: any ValueError / OSError is a usage error), then
     ``module.run(args)``; exceptions become the documented exit codes and one line."""
     debug = debug_enabled(args)
+    if not debug:
+        quiet_libraries()
     stage = "check"
     try:
         check = getattr(module, "check", None)
@@ -106,10 +126,11 @@ def add_device_arguments(parser) -> None:
                         help="auto (bf16 on CUDA, fp32 on CPU) | checkpoint | bf16 | fp16 | fp32")
 
 
-def add_runtime_arguments(parser, json_help: str) -> None:
-    """What every model-running command takes last: the KV-cache flags, --device / --dtype and
-    --json."""
+def add_runtime_arguments(parser, json_help: str, weights: bool = True) -> None:
+    """What every model-running command takes last: the KV-cache and speed flags, --device /
+    --dtype and --json."""
     add_kv_cache_arguments(parser)
+    add_speed_arguments(parser, weights=weights)
     add_device_arguments(parser)
     parser.add_argument("--json", action="store_true", help=json_help)
 
@@ -130,11 +151,14 @@ def add_kv_cache_arguments(parser) -> None:
     group = parser.add_argument_group("KV cache")
     group.add_argument("--kv-cache", default="model-dtype", choices=CACHE_KINDS,
                        help="KV-cache format: model-dtype (transformers' cache in the model's "
-                            "dtype, answers unchanged), int8 or int4 (quantized, less memory)")
+                            "dtype, answers unchanged), int8, int4 or fp8 (e4m3) (quantized, less "
+                            "memory)")
     group.add_argument("--kv-window", type=int, default=None, metavar="N",
-                       help="int8/int4: most recent tokens kept in full precision (default 128)")
+                       help="quantized kinds: most recent tokens kept in full precision "
+                            "(default 128)")
     group.add_argument("--kv-group-size", type=int, default=None, metavar="N",
-                       help="int8/int4: channels per scale group, a power of two (default 64)")
+                       help="quantized kinds: channels per scale group, a power of two "
+                            "(default 64)")
     group.add_argument("--kv-key-quant", default=None, choices=KEY_QUANT,
                        help="int8/int4: key scales per token group or per channel (KIVI) "
                             "(default token)")
@@ -151,11 +175,67 @@ def kv_cache_spec(args) -> KVCacheSpec:
     options = {k: v for k, v in options.items() if v is not None}
     named = ", ".join(_KV_FLAGS[k] for k in options)
     if options and args.kv_cache == "model-dtype":
-        raise UsageError(f"{named}: only with --kv-cache int8 or int4")
+        raise UsageError(f"{named}: only with a quantized --kv-cache (int8, int4 or fp8)")
     try:
         return KVCacheSpec.of(args.kv_cache, options)
     except ValueError as exc:
         raise UsageError(f"bad KV-cache flags ({named}): {exc}") from None
+
+
+def add_speed_arguments(parser, weights: bool = True) -> None:
+    """``--compile`` and (``weights``) ``--weights`` / ``--weight-group-size`` (read back with
+    ``runtime_options``)."""
+    group = parser.add_argument_group("speed")
+    group.add_argument("--compile", action="store_true",
+                       help="greedy decode with a static KV cache and a compiled step "
+                            "(torch.compile, CUDA graphs on GPU): the same tokens; the first "
+                            "answer pays the compilation (about a minute)")
+    if not weights:
+        return
+    group.add_argument("--weights", default=None, choices=WEIGHT_KINDS,
+                       help="weight-only int8 / int4 LLM linears through torchao "
+                            "(pllava-fast[quant]); default: the checkpoint's weights as stored")
+    group.add_argument("--weight-group-size", type=int, default=None, metavar="N",
+                       help=f"--weights int4: channels per scale, one of {GROUP_SIZES} "
+                            "(default 128)")
+
+
+def runtime_options(args) -> dict:
+    """``VideoPipeline.from_pretrained`` keywords of the KV-cache and speed flags (call after
+    ``kv_cache_spec``); a UsageError naming the flags that do not fit together."""
+    options = {}
+    if getattr(args, "weight_group_size", None) is not None:
+        if args.weights is None:
+            raise UsageError("--weight-group-size: only with --weights int4 (or int8)")
+        options["group_size"] = args.weight_group_size
+    try:
+        weights = WeightSpec.of(getattr(args, "weights", None), options)
+    except ValueError as exc:
+        raise UsageError(f"--weight-group-size: {exc}") from None
+    if args.compile and args.kv_spec.key_quant == "channel":
+        raise UsageError("--compile needs per-token key scales: not with --kv-key-quant channel")
+    return dict(kv_cache=args.kv_spec, compile=args.compile, weights=weights)
+
+
+def check_weights_runnable(args) -> None:
+    """``--weights`` tried on one small layer on ``args.device`` (imports torch and torchao:
+    after ``device_of``), so a missing torchao or a layout the device lacks is one line before
+    any weights load."""
+    spec = args.runtime["weights"]
+    if spec is None:
+        return
+    import torch
+
+    from ..devices import resolve_dtype
+    from ..weight_quant import check_weights
+
+    # as the model resolves it: auto (and checkpoint, for this trial) is bf16 with --weights
+    dtype = (torch.bfloat16 if args.dtype in ("auto", "checkpoint") else
+             resolve_dtype(args.dtype, args.device))
+    try:
+        check_weights(spec, args.device, dtype)
+    except (ImportError, ValueError) as exc:
+        raise UsageError(f"--weights {spec.kind}: {one_line(exc)}") from None
 
 
 # -- checks shared by the commands (cheap: no model, torch only for the device) -----------------

@@ -15,7 +15,8 @@ import tempfile
 from .. import jsonio, preflight
 from .common import (UsageError, add_max_new_tokens_argument, add_model_argument,
                      add_num_frames_argument, add_runtime_arguments, check_context_fit,
-                     check_memory_fit, check_prompt, device_of, kv_cache_spec, positive,
+                     check_memory_fit, check_prompt, check_weights_runnable, device_of, kv_cache_spec, positive,
+                     runtime_options,
                      tiny_info)
 
 DEFAULT_QUESTION = "What is happening in this video?"
@@ -35,6 +36,7 @@ def check(args) -> None:
     positive("--num-frames", args.num_frames)
     positive("--max-new-tokens", args.max_new_tokens)
     args.kv_spec = kv_cache_spec(args)
+    args.runtime = runtime_options(args)
     args.prompt = check_prompt("--question", args.question)
     if args.model is not None:
         info, what = preflight.checkpoint(args.model), "--question"
@@ -44,6 +46,7 @@ def check(args) -> None:
     check_context_fit(info, prompt=args.prompt, pooling=None, max_new_tokens=args.max_new_tokens,
                       what=what)
     args.device = device_of(args)
+    check_weights_runnable(args)
     # the clip the demo writes itself is checked once written (_check_generated)
     check_memory_fit(info, headers=args.headers, num_frames=args.num_frames, batch_size=1,
                      device=args.device, dtype=args.dtype)
@@ -93,7 +96,7 @@ def _run(args) -> int:
         if args.model is None or args.video is None:
             _check_generated(args, model_dir, video)
         pipe = VideoPipeline.from_pretrained(model_dir, device=args.device, dtype=args.dtype,
-                                             kv_cache=args.kv_spec, num_frames=args.num_frames)
+                                             num_frames=args.num_frames, **args.runtime)
         pipe.answer(video, args.question, max_new_tokens=2)  # warm-up: first-call allocations
         out = pipe([video], [args.question], max_new_tokens=args.max_new_tokens)
     if args.json:
