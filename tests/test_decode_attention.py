@@ -184,3 +184,13 @@ def test_traces_under_torch_compile():
     q = args.pop("q")
     fn = torch.compile(lambda q: ops.decode_attention(q, **args), fullgraph=True, backend="eager")
     torch.testing.assert_close(fn(q), ops.decode_attention(q, **args))
+
+
+def test_cpu_fp8_conversion_every_code():
+    # the CPU path's bit conversion of e4m3 codes against torch's own, all 256 bytes (the two
+    # NaN patterns are never written: quantize_fp8_ref clamps to +-448)
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    want = codes.float()
+    got = ops.kv_attention._fp8_to_fp16(codes, torch.empty(256, dtype=torch.int16)).float()
+    finite = ~want.isnan()
+    assert torch.equal(got[finite], want[finite]) and finite.sum() == 254

@@ -161,13 +161,30 @@ def _unpack_into(buf: Tensor, codes: Tensor, bits: int) -> None:
         buf[..., i, :].copy_(c.unflatten(-1, (groups, width)).transpose(2, 3))
 
 
+def _fp8_to_fp16(codes: Tensor, scratch: Tensor) -> Tensor:
+    """e4m3 codes -> the same values in fp16, through ``scratch`` (int16, codes' shape). CPU
+    torch converts float8 one element at a time (an L2-sized chunk: 900 us against 22 us for
+    uint8); as bits, e4m3's sign, exponent and mantissa move to fp16's places and a factor
+    2**(15 - 7) fixes the exponent bias, subnormals included (5x faster, same values)."""
+    scratch.copy_(codes.view(torch.uint8))
+    low = scratch & 0x7F
+    scratch.bitwise_and_(0x80).bitwise_left_shift_(1).bitwise_or_(low).bitwise_left_shift_(7)
+    return scratch.view(torch.float16).mul_(256.0)
+
+
 def _converted_chunks(codes: Tensor, buf: Tensor, bits: int):
     """Yield each token chunk of ``codes`` converted into ``buf`` (see ``_unpack_into``), as a
     (B * H * G, n, P * w) matrix view; full chunks reuse one prebuilt view (fewer Python ops)."""
     b, h, g, chunk, npl, w = buf.shape
     full = buf.view(b * h * g, chunk, npl * w)
+    scratch = None
+    if codes.dtype == torch.float8_e4m3fn:
+        scratch = torch.empty(*codes.shape[:2], min(chunk, codes.shape[2]), codes.shape[3],
+                              dtype=torch.int16, device=codes.device)
     for c in codes.split(chunk, dim=2):
         n = c.shape[2]
+        if scratch is not None:
+            c = _fp8_to_fp16(c, scratch[:, :, :n])
         dst = buf if n == chunk else buf[:, :, :, :n]
         _unpack_into(dst, c, bits)
         yield full if n == chunk else dst.reshape(b * h * g, n, npl * w)
