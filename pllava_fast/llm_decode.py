@@ -40,7 +40,9 @@ class CompiledDecoder:
     ``generate(...)`` returns what ``model.generate`` returns for greedy decoding: the prompt ids
     followed by the new ones (rows padded with ``pad_token_id`` after their end-of-sequence).
     ``stats`` after a call: prefill_s, llm_decode_s, steps, compile_s (first call of a new graph),
-    graphs.
+    graphs. ``generate(..., teacher_tokens=T)`` feeds T's (B, max_new_tokens) tokens instead of
+    its own and returns its argmax at every step: the teacher-forced agreement of the compiled
+    loop with another run (the eager one) without the divergence of free-running decoding.
     """
 
     def __init__(self, model, spec, *, compile: bool = True):
@@ -94,7 +96,8 @@ class CompiledDecoder:
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                  pixel_values: Tensor | None = None, frames_per_video=None, media_type=None,
                  max_new_tokens: int, min_new_tokens: int = 0, eos_token_id=None,
-                 pad_token_id: int | None = None, streamer=None) -> Tensor:
+                 pad_token_id: int | None = None, streamer=None,
+                 teacher_tokens: Tensor | None = None) -> Tensor:
         model = self.model
         device = model.get_input_embeddings().weight.device
         input_ids = input_ids.to(device)
@@ -135,7 +138,9 @@ class CompiledDecoder:
             streamer.put(tok.cpu())
         every = CHECK_EVERY.get(device.type, 8)
         for i in range(1, max_new_tokens):
-            if i % every == 0 and bool(done.all()):
+            if teacher_tokens is not None:
+                tok, done = teacher_tokens[:, i - 1:i].to(device), torch.zeros_like(done)
+            elif i % every == 0 and bool(done.all()):
                 break
             allow = torch.tensor(i >= min_new_tokens, device=device)
             if device.type == "cuda" and self.compile:

@@ -52,6 +52,31 @@ def test_compiled_greedy_tokens_equal_eager(model, inputs, kind, opts):
     assert decoder.stats["graphs"] == 1 and again.shape[1] == inputs["input_ids"].shape[1] - 1 + 20
 
 
+def _teacher_forced_agreement(model, inputs, spec, n):
+    """Eager greedy tokens, then the compiled loop fed those tokens: its per-step argmax agreement."""
+    want = _eager(model, inputs, spec, n=n)[:, inputs["input_ids"].shape[1]:]
+    got = CompiledDecoder(model, spec).generate(**inputs, max_new_tokens=n, teacher_tokens=want)
+    return (got[:, inputs["input_ids"].shape[1]:] == want).float().mean().item()
+
+
+def test_teacher_forced_agreement_fp32(model, inputs):
+    # the forced path itself: in fp32 the compiled steps give eager's argmax at every step
+    assert _teacher_forced_agreement(model, inputs, KVCacheSpec.of("int8", OPTS), 16) == 1.0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind,opts", KINDS, ids=[k for k, _ in KINDS])
+def test_teacher_forced_agreement_cuda_bf16(tiny_model_dir, inputs, kind, opts):
+    # CUDA graphs of the bf16 step against eager generate(): >= 99.5% of steps agree
+    m = PllavaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.bfloat16,
+                                                       device="cuda")
+    m.generation_config.eos_token_id = None
+    cuda = {k: v.cuda() for k, v in inputs.items()}
+    cuda["pixel_values"] = cuda["pixel_values"].bfloat16()
+    assert _teacher_forced_agreement(install_attention(m), cuda, KVCacheSpec.of(kind, opts),
+                                     48) >= 0.995
+
+
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
 def test_static_and_dynamic_quantized_caches_hold_identical_codes(model, inputs, kind):
     spec = KVCacheSpec.of(kind, OPTS)
