@@ -414,3 +414,24 @@ def test_read_videos_prefetch_in_order(clips, tmp_path):
     assert next(it).source == paths[0]
     with pytest.raises(FileNotFoundError, match="missing.mp4"):
         next(it)
+
+
+def test_hwaccel_is_checked_up_front(clips):
+    path = clips("gop12")
+    with pytest.raises(ValueError, match="hwaccel must be one of"):
+        _video.read_video(path, 4, hwaccel="nvdec")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU|offers only"):
+            _video.read_video(path, 4, hwaccel="cuda")
+
+
+@pytest.mark.cuda
+def test_hwaccel_cuda_gives_the_software_pictures(clips):
+    # NVDEC's h264 output is the standard's, bit for bit: the same planes as FFmpeg's decoder
+    path = clips("gop12")
+    soft = _video.read_video(path, 8)
+    hard = _video.read_video(path, 8, hwaccel="cuda")
+    assert hard.indices == soft.indices and hard.pixel_format == soft.pixel_format
+    for name in ("y", "u", "v", "rgb"):
+        a, b = getattr(soft, name), getattr(hard, name)
+        assert (a is None and b is None) or torch.equal(a, b), name

@@ -13,7 +13,8 @@ from ..checks import check_path, positive_int
 from .decode import _read_stream
 from .extensions import IMAGE_EXTENSIONS
 from .frames import DecodedVideo, VideoDecodeError
-from .sources import _is_still_image, _load_image, _name_of, _Opener, _read_images, frame_files
+from .sources import (_is_still_image, _load_image, _name_of, _Opener, _read_images,
+                      check_hwaccel, frame_files)
 
 NUMBERINGS = ("decord", "presentation")
 
@@ -22,7 +23,7 @@ def read_video(source, num_frames: int = 16, *, start: float | None = None,
                end: float | None = None, rotate: bool = True, keep_yuv: bool = True,
                threads: int = 0, fps: float | None = None, require_video: bool = False,
                stats: dict | None = None, numbering: str = "decord", workers: int | None = None,
-               skip_nonref: bool = True) -> DecodedVideo:
+               skip_nonref: bool = True, hwaccel: str | None = None) -> DecodedVideo:
     """Decode the ``num_frames`` frames PLLaVA samples from ``source`` (see ``sample_indices``).
 
     source: a video file (anything FFmpeg demuxes: mp4/mov/mkv/webm/avi/gif...), a folder of
@@ -35,7 +36,7 @@ def read_video(source, num_frames: int = 16, *, start: float | None = None,
     keep_yuv: 8-bit 4:2:0 streams (yuv420p, yuvj420p, nv12) tagged BT.601/BT.709 or untagged
       come back as Y/U/V planes with their matrix and range; everything else, and everything
       when False, as swscale's rgb24.
-    threads: FFmpeg decoder threads (0: one per core).
+    threads: FFmpeg threads per decoder (0: one per core, shared among the ``workers``).
     require_video: reject single images.
     stats: when a dict, receives how the frames were found (mode, seeks, packets_decoded,
       numbering).
@@ -47,6 +48,9 @@ def read_video(source, num_frames: int = 16, *, start: float | None = None,
       GOPs) the two agree. For variable-frame-rate streams indices are frame counts, not times.
     workers: decoders that take the keyframe ranges concurrently (None: 2 where there are 2+
       cores); skip_nonref: skip the non-reference frames no target needs (same pixels).
+    hwaccel: "cuda" decodes on NVDEC where torch has a CUDA GPU and PyAV's FFmpeg offers the
+      cuda device (frames downloaded to host memory as NV12, the same pictures; software decode
+      for streams NVDEC cannot take). Opt-in and unverified: no GPU run has checked it yet.
 
     Raises FileNotFoundError for a missing path, VideoDecodeError (a ValueError) naming the
     source for anything that is not a decodable video.
@@ -58,6 +62,7 @@ def read_video(source, num_frames: int = 16, *, start: float | None = None,
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
     positive_int("workers", workers)
+    check_hwaccel(hwaccel)
     name = _name_of(source)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
@@ -91,7 +96,7 @@ def read_video(source, num_frames: int = 16, *, start: float | None = None,
     else:
         raise TypeError(f"read_video: source must be a path, bytes or a binary file object, "
                         f"got {type(source).__name__}")
-    return _read_stream(_Opener(source, name), num_frames, start, end, rotate, keep_yuv,
+    return _read_stream(_Opener(source, name, hwaccel), num_frames, start, end, rotate, keep_yuv,
                         threads, stats, numbering, workers, skip_nonref)
 
 

@@ -61,11 +61,32 @@ def _is_still_image(fp) -> bool:
         fp.seek(pos)
 
 
-class _Opener:
-    """Opens (and re-opens) a PyAV container on a path, bytes or a seekable binary file."""
+HWACCELS = (None, "cuda")
 
-    def __init__(self, source, name: str):
-        self.name = name
+
+def check_hwaccel(hwaccel) -> None:
+    """ValueError unless ``hwaccel`` is None or "cuda" with both a CUDA GPU and a PyAV whose
+    FFmpeg offers the cuda (NVDEC) device type."""
+    if hwaccel not in HWACCELS:
+        raise ValueError(f"hwaccel must be one of {HWACCELS}, got {hwaccel!r}")
+    if hwaccel is None:
+        return
+    from av.codec.hwaccel import hwdevices_available
+
+    if hwaccel not in hwdevices_available():
+        raise ValueError(f"hwaccel={hwaccel!r}: this PyAV's FFmpeg offers only "
+                         f"{hwdevices_available()}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"hwaccel={hwaccel!r} needs a CUDA GPU; torch sees none")
+
+
+class _Opener:
+    """Opens (and re-opens) a PyAV container on a path, bytes or a seekable binary file;
+    ``hwaccel="cuda"``: its video decoders run on NVDEC (frames downloaded to host memory,
+    software decode where NVDEC cannot take the stream)."""
+
+    def __init__(self, source, name: str, hwaccel: str | None = None):
+        self.name, self.hwaccel = name, hwaccel
         self.path = self.data = self.file = None
         if isinstance(source, (str, os.PathLike)):
             self.path = os.fspath(source)
@@ -83,12 +104,22 @@ class _Opener:
         else:
             self.file.seek(self.file_start)
             target = self.file
+        kwargs = {}
+        if self.hwaccel is not None:
+            from av.codec.hwaccel import HWAccel
+
+            kwargs["hwaccel"] = HWAccel(self.hwaccel, allow_software_fallback=True)
         try:
-            return av.open(target, "r", metadata_errors="ignore")
+            return av.open(target, "r", metadata_errors="ignore", **kwargs)
         except av.error.FileNotFoundError as e:
             raise FileNotFoundError(f"{self.name}: no such file") from e
         except (av.error.FFmpegError, UnicodeDecodeError, EOFError) as e:
             raise VideoDecodeError(f"{self.name}: not a readable media file ({e})") from e
+        except OSError as e:  # the hardware device could not be opened
+            if self.hwaccel is None:
+                raise
+            raise VideoDecodeError(f"{self.name}: hwaccel={self.hwaccel!r} could not open the "
+                                   f"device ({e})") from e
 
 
 def _video_stream(container, name: str):
