@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import dataclasses
+import os
 
 import av
 
@@ -246,6 +247,11 @@ def _decode_targets(reader: _Reader, table: _Table, wanted: list[int], seek: boo
         reader.by_table(table, wanted, seek, runs)
         return
     chunks = _split(runs, workers)
+    if reader.threads == 0:
+        # auto: the cores shared among the decoders. FFmpeg's own frame threads on top of
+        # concurrent decoders oversubscribe 2 cores: 1 thread each measured 10-20% faster
+        # (benchmarks/bench_frames.py, "2 workers x 1 thr")
+        reader.threads = max(1, (os.cpu_count() or 1) // len(chunks))
     readers = [reader] + [_Reader(reader.opener, reader.threads, reader.keep_yuv,
                                   skip_nonref=reader.skip_nonref) for _ in chunks[1:]]
     try:
