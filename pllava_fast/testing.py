@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -230,17 +231,54 @@ def make_clip(path, *, num_frames: int = 24, height: int = 96, width: int = 128,
         if keyframe_interval:
             stream.codec_context.gop_size = int(keyframe_interval)
             stream.options = {"x264-params": f"keyint={int(keyframe_interval)}:scenecut=0"}
-        for t in range(num_frames):
-            img = background.copy()
-            x0 = int((width - side) * t / max(num_frames - 1, 1))
-            y0 = (height - side) // 3
-            img[y0:y0 + side, x0:x0 + side] = colour_a
-            cx = width - 1 - int((width - 1) * t / max(num_frames - 1, 1))
-            cy = 2 * height // 3
-            img[(xx - cx) ** 2 + (yy - cy) ** 2 <= radius ** 2] = colour_b
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        mux_frames(container, stream, _shapes_frames(
+            num_frames, background, colour_a, colour_b, side, radius, xx, yy))
     return path
+
+
+def _shapes_frames(num_frames, background, colour_a, colour_b, side, radius, xx, yy):
+    """make_clip's frames: the square moves right, the disc left, over ``background``."""
+    height, width = background.shape[:2]
+    for t in range(num_frames):
+        img = background.copy()
+        x0 = int((width - side) * t / max(num_frames - 1, 1))
+        y0 = (height - side) // 3
+        img[y0:y0 + side, x0:x0 + side] = colour_a
+        cx = width - 1 - int((width - 1) * t / max(num_frames - 1, 1))
+        cy = 2 * height // 3
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 <= radius ** 2] = colour_b
+        yield img
+
+
+def add_clip_stream(container, size, *, codec: str = "libx264", rate: int = 25,
+                    pix_fmt: str = "yuv420p", keyint: int = 12, preset: str = "veryfast",
+                    x264: str = "", vfr: bool = False, rotation=None, options=None):
+    """A video stream of an output ``container`` for test clips: ``size`` (W, H), a keyframe
+    every ``keyint`` frames (x264: fixed, no scene cuts; ``x264`` appends ``:key=value``
+    parameters), a millisecond time base when ``vfr`` (frames then carry their own times) and
+    a display ``rotation`` in degrees."""
+    stream = container.add_stream(codec, rate=rate, options=options or {})
+    stream.width, stream.height = size
+    stream.pix_fmt = pix_fmt
+    stream.codec_context.gop_size = keyint
+    if codec == "libx264":
+        stream.codec_context.options = {
+            "preset": preset, "x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0{x264}"}
+    if vfr:
+        stream.codec_context.time_base = Fraction(1, 1000)
+    if rotation is not None:
+        stream.set_display_rotation(rotation)
+    return stream
+
+
+def mux_frames(container, stream, images, pts_ms=None) -> None:
+    """Encode (H, W, 3) uint8 RGB ``images`` into ``stream`` of the output ``container`` and
+    flush the encoder; ``pts_ms``: each frame's time in milliseconds (variable frame rate)."""
+    for i, img in enumerate(images):
+        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+        if pts_ms is not None:
+            frame.pts, frame.time_base = pts_ms[i], Fraction(1, 1000)
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)

@@ -4,7 +4,6 @@ PyAV and the shared samples. Default-mode (decord) numbering: tests/test_video_d
 import functools
 import io
 import os
-from fractions import Fraction
 
 import av
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 from PIL import Image
 
 from pllava_fast import video as _video
+from pllava_fast.testing import add_clip_stream, mux_frames
 from pllava_fast.video import DecodedVideo, VideoDecodeError, sample_indices
 
 # these tests hold the presentation-exact numbering to PyAV's own sequential decode
@@ -82,24 +82,9 @@ def make_clip(path, n=24, size=(64, 48), *, codec="libx264", pix_fmt="yuv420p", 
     """Write a clip with ``n`` distinct frames; ``pts_ms`` gives variable frame times."""
     w, h = size
     with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=rate, options=options or {})
-        s.width, s.height, s.pix_fmt = w, h, pix_fmt
-        s.codec_context.gop_size = gop
-        if codec == "libx264":
-            s.codec_context.options = {"preset": "veryfast", "x264-params":
-                                       f"keyint={gop}:min-keyint={gop}:scenecut=0{x264}"}
-        if pts_ms is not None:
-            s.codec_context.time_base = Fraction(1, 1000)
-        if rotation is not None:
-            s.set_display_rotation(rotation)
-        for i in range(n):
-            frame = av.VideoFrame.from_ndarray(_pattern(i, w, h), format="rgb24")
-            if pts_ms is not None:
-                frame.pts, frame.time_base = pts_ms[i], Fraction(1, 1000)
-            for p in s.encode(frame):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+        s = add_clip_stream(c, size, codec=codec, rate=rate, pix_fmt=pix_fmt, keyint=gop,
+                            x264=x264, vfr=pts_ms is not None, rotation=rotation, options=options)
+        mux_frames(c, s, (_pattern(i, w, h) for i in range(n)), pts_ms)
     return str(path)
 
 

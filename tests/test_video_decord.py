@@ -2,7 +2,6 @@
 the same frame count, the same sampled indices and identical pixels, on clips with edit-list
 pre-roll, B-frames, variable frame rate, open GOPs, odd sizes and rotation, and the shared videos.
 """
-from fractions import Fraction
 
 import av
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from pllava_fast.ops.frames import yuv_to_rgb
+from pllava_fast.testing import add_clip_stream, mux_frames
 from pllava_fast.video import read_video, sample_indices
 
 decord = pytest.importorskip("decord")
@@ -26,29 +26,17 @@ def _encode(path, n=60, size=(160, 96), *, keyint=20, preset="veryfast", x264=""
     w, h = size
     tex = _texture(w, h)
     with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=25)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        if codec == "libx264":
-            s.codec_context.options = {"preset": preset, "x264-params":
-                                       f"keyint={keyint}:min-keyint={keyint}:scenecut=0{x264}"}
-        else:
-            s.codec_context.gop_size = keyint
-        if pts_ms is not None:
-            s.codec_context.time_base = Fraction(1, 1000)
-        if rotation is not None:
-            s.set_display_rotation(rotation)
-        for i in range(n):
-            img = tex[:, (3 * i) % 256:(3 * i) % 256 + w].copy()
-            for b in range(6):  # the frame number in binary: every frame is distinct
-                img[:8, 8 * b:8 * b + 8] = 255 * ((i >> b) & 1)
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            if pts_ms is not None:
-                frame.pts, frame.time_base = pts_ms[i], Fraction(1, 1000)
-            for p in s.encode(frame):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+        s = add_clip_stream(c, size, codec=codec, keyint=keyint, preset=preset, x264=x264,
+                            vfr=pts_ms is not None, rotation=rotation)
+        mux_frames(c, s, (_numbered(tex, i, w) for i in range(n)), pts_ms)
     return str(path)
+
+
+def _numbered(tex, i, w):
+    img = tex[:, (3 * i) % 256:(3 * i) % 256 + w].copy()
+    for b in range(6):  # the frame number in binary: every frame is distinct
+        img[:8, 8 * b:8 * b + 8] = 255 * ((i >> b) & 1)
+    return img
 
 
 def _preroll(src, path, shift=3, from_key=0):
