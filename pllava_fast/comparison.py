@@ -21,6 +21,7 @@ from .kv_spec import bytes_per_token
 from .model import PllavaForConditionalGeneration
 from .original import OriginalPipeline, decode_every_frame, original_decode
 from .pipeline import VideoPipeline
+from .preflight import BENCH_CLIP, shared_sample
 from .shapes import SHAPES
 from .testing import build_tokenizer, make_clip, save_tiny_pllava
 from .timing import STAGES
@@ -208,10 +209,9 @@ def format_table(result: dict) -> str:
 
 def default_video(tmp_dir) -> str:
     """A shared sample clip when present, else a generated 360p clip."""
-    shared = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "videos", "cooking.mp4")
-    if os.path.exists(shared):
-        return os.path.abspath(shared)
-    return make_clip(os.path.join(tmp_dir, "bench.mp4"), num_frames=96, height=360, width=640,
-                     fps=24)
+    shared = shared_sample()
+    if shared is not None:
+        return shared
+    return make_clip(os.path.join(tmp_dir, "bench.mp4"), **BENCH_CLIP)
 
 

@@ -173,6 +173,16 @@ def _check_safetensors(file: str) -> tuple[int, int]:
     return params, size
 
 
+def shared_sample() -> str | None:
+    """../shared/videos/cooking.mp4 beside the checkout, when present (bench's default clip)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "videos", "cooking.mp4")
+    return os.path.abspath(path) if os.path.exists(path) else None
+
+
+# bench's generated clip where the shared sample is missing (comparison.default_video)
+BENCH_CLIP = dict(num_frames=96, height=360, width=640, fps=24)
+
+
 @dataclasses.dataclass
 class VideoHeader:
     """Size and length of a video (or image / frame folder) from its header, not its frames."""
@@ -294,14 +304,17 @@ def _one_line(exc: BaseException) -> str:
 
 
 def check_context(info: CheckpointInfo, prompt: int | None, max_new_tokens: int,
-                  visual_tokens: int | None = None, what: str = "the prompt") -> None:
-    """ValueError when prompt + visual tokens + max_new_tokens exceed the LM's positions."""
+                  visual_tokens: int | None = None, what: str = "the prompt",
+                  at_least: bool = False) -> None:
+    """ValueError when prompt + visual tokens + max_new_tokens exceed the LM's positions
+    (``at_least``: ``prompt`` is a lower bound of the prompt's tokens)."""
     if info.max_positions is None:
         return
     visual = info.visual_tokens if visual_tokens is None else visual_tokens
     total = (prompt or 0) + visual + max_new_tokens
     if total > info.max_positions:
-        parts = f"{prompt} prompt + " if prompt is not None else ""
+        parts = (f"{'at least ' if at_least else ''}{prompt} prompt + " if prompt is not None
+                 else "")
         raise ValueError(f"{what} does not fit the model's context: {parts}{visual} visual + "
                          f"{max_new_tokens} new tokens = {total} > max_position_embeddings "
                          f"{info.max_positions} ({_config_of(info)})")
@@ -354,3 +367,15 @@ def shape_info(name: str, spec: dict) -> CheckpointInfo:
         vision_layers=v["num_hidden_layers"], text_hidden=t["hidden_size"],
         text_layers=t["num_hidden_layers"], max_positions=t.get("max_position_embeddings"),
         tokenizer_file=None, params=vision + text + projector)
+
+
+def default_bench_header() -> VideoHeader:
+    """The header of the clip ``pllava-fast bench`` runs without --video: the shared sample, or
+    the clip it generates (``BENCH_CLIP``)."""
+    path = shared_sample()
+    if path is not None:
+        return video_header(path)
+    c = BENCH_CLIP
+    return VideoHeader(path=f"the generated {c['width']}x{c['height']} bench clip",
+                       width=c["width"], height=c["height"], frames=c["num_frames"],
+                       duration=c["num_frames"] / c["fps"])

@@ -72,6 +72,9 @@ def check(args) -> None:
                       max_new_tokens=args.max_new_tokens)
     args.device = device_of(args)
     batch = len(headers) or args.batch_size
+    # without --video: the default clip's header, so a batch or frame count that cannot fit
+    # fails here, not after the model is built
+    headers = headers or [preflight.default_bench_header()]
     check_memory_fit(info, headers=headers, num_frames=args.num_frames, batch_size=batch,
                      device=args.device, dtype=args.dtype)
 

@@ -345,12 +345,18 @@ def _elem_bytes(dtype: str, device, info) -> int:
 def check_context_fit(info, *, prompt: str, pooling, max_new_tokens: int,
                       what: str = "the prompt") -> None:
     """Prompt (its tokens from tokenizer.json) + visual tokens + new tokens within the LM's
-    positions (``info``: ``preflight.CheckpointInfo``)."""
+    positions (``info``: ``preflight.CheckpointInfo``). Without a tokenizer file (a model not
+    written yet) the prompt counts its whitespace-separated words: every tokenizer here splits
+    at spaces first, so each word is at least one token."""
     from .. import preflight
 
     visual = math.prod(pooling) if pooling else info.visual_tokens
-    preflight.check_context(info, preflight.prompt_tokens(info, prompt), max_new_tokens,
-                            visual_tokens=visual, what=what)
+    tokens = preflight.prompt_tokens(info, prompt)
+    bound = tokens is None
+    if bound:
+        tokens = len(prompt.split())
+    preflight.check_context(info, tokens, max_new_tokens, visual_tokens=visual, what=what,
+                            at_least=bound)
 
 
 def check_memory_fit(info, *, headers, num_frames, batch_size: int, device, dtype) -> None:
