@@ -3,7 +3,7 @@
 The cache of one layer is a quantized part followed by a full-precision window of recent tokens:
 
 * ``q``: (B, Hq, D) the new token's queries; ``Hq`` is a multiple of ``Hkv`` (GQA / MQA).
-* ``k_codes``, ``v_codes``: (B, Hkv, Tq, Dc) uint8 codes in the ``kernels.kv_quant`` format
+* ``k_codes``, ``v_codes``: (B, Hkv, Tq, Dc) uint8 codes in the ``kernels.kv_format`` format
   (``Dc = D // 2`` for int4, ``D`` for int8), float8_e4m3fn codes at ``bits=8`` (``kv_format``'s
   fp8: the int8 formula once converted), or floating (B, Hkv, Tq, D) for ``bits=16``.
   Views with a larger allocated token capacity are fine: only strides are used.

@@ -17,7 +17,7 @@ import torch
 
 from .config import PllavaConfig
 from .devices import resolve_dtype
-from .kv_spec import bytes_per_token
+from .kv_spec import KVCacheSpec, bytes_per_token
 from .model import PllavaForConditionalGeneration
 from .original import OriginalPipeline, decode_every_frame, original_decode
 from .pipeline import VideoPipeline
@@ -91,9 +91,10 @@ def memory_per_video(pipe: VideoPipeline, kind: str, *, original: bool, prompt_t
     tokens = prompt_tokens + visual + max_new_tokens
     per_token = bytes_per_token(kind, text.num_hidden_layers, kv_heads, head_dim, dtype_bytes=elem)
     kv = per_token * tokens
-    if kind in ("int8", "int4"):  # plus the full-precision recent window (default 128 tokens)
+    spec = KVCacheSpec.of(kind)
+    if spec.quantized:  # plus the full-precision recent window
         kv += bytes_per_token("model-dtype", text.num_hidden_layers, kv_heads, head_dim,
-                              dtype_bytes=elem) * min(128, tokens)
+                              dtype_bytes=elem) * min(spec.window, tokens)
     frames, grid = cfg.num_frames, math.prod(cfg.frame_shape)
     hidden_states = (vision.num_hidden_layers + 1) if original else 2
     activations = frames * hidden_states * (grid + 1) * vision.hidden_size * elem

@@ -69,6 +69,8 @@ class KVCacheSpec:
     key_quant: str = "token"
 
     def __post_init__(self):
+        if not isinstance(self.kind, str):
+            raise ValueError(f"kv_cache must be one of {CACHE_KINDS}, got {self.kind!r}")
         if self.kind in _RENAMED:
             raise ValueError(f"kv_cache {self.kind!r} is now called {_RENAMED[self.kind]!r} (the "
                              "cache keeps the model's dtype)")
@@ -121,6 +123,13 @@ class KVCacheSpec:
     def fp8(self) -> bool:
         """True when the 8-bit codes are float8 e4m3 (symmetric) rather than uint8."""
         return self.kind == "fp8"
+
+    def check_static(self) -> None:
+        """ValueError unless the compiled loop's static cache can hold this spec: per-channel
+        key scales (KIVI) quantize whole blocks, which only the dynamic cache does."""
+        if self.key_quant == "channel":
+            raise ValueError("compile=True needs a static cache, and key_quant='channel' is only "
+                             "in the dynamic one: use key_quant='token' or compile=False")
 
     def options(self) -> dict:
         """The options that differ from the defaults (what a user passed)."""

@@ -34,6 +34,10 @@ _GREEDY_DEFAULTS = {"do_sample": False, "num_beams": 1, "num_return_sequences": 
                     "output_logits": False, "repetition_penalty": None}
 
 
+# generation_config fields that would make generate() other than greedy
+_GENERATION_CONFIG_CHECKED = ("do_sample", "num_beams", "num_return_sequences")
+
+
 class CompiledDecoder:
     """Greedy generation with a static cache of ``spec``'s kind and a compiled decode step.
 
@@ -137,12 +141,13 @@ class CompiledDecoder:
         if streamer is not None:
             streamer.put(tok.cpu())
         every = CHECK_EVERY.get(device.type, 8)
+        allowed = (torch.tensor(False, device=device), torch.tensor(True, device=device))
         for i in range(1, max_new_tokens):
             if teacher_tokens is not None:
                 tok, done = teacher_tokens[:, i - 1:i].to(device), torch.zeros_like(done)
             elif i % every == 0 and bool(done.all()):
                 break
-            allow = torch.tensor(i >= min_new_tokens, device=device)
+            allow = allowed[i >= min_new_tokens]  # no host-to-device copy per step
             if device.type == "cuda" and self.compile:
                 torch.compiler.cudagraph_mark_step_begin()
             ts = time.perf_counter()
@@ -172,16 +177,18 @@ class CompiledDecoder:
                  frames_per_video=None, media_type=None, max_new_tokens=None, min_new_tokens=None,
                  eos_token_id=None, pad_token_id=None, streamer=None, **options) -> Tensor:
         """``generate()``'s keywords; defaults from the model's generation_config; any option
-        the greedy loop cannot honour raises a ValueError naming it."""
-        check_greedy(options)
+        the greedy loop cannot honour raises a ValueError naming it, whether passed or set in
+        the model's generation_config (a checkpoint that samples by default)."""
+        gc = self.model.generation_config
+        decoding = {name: getattr(gc, name, None) for name in _GENERATION_CONFIG_CHECKED}
+        check_greedy({**decoding, **options})
         if input_ids is None:
             raise ValueError("compile=True generates from input_ids (pass them, not inputs_embeds)")
-        gc = self.model.generation_config
         return self.generate(
             input_ids, attention_mask, pixel_values=pixel_values,
             frames_per_video=frames_per_video, media_type=media_type,
             max_new_tokens=int(max_new_tokens or gc.max_new_tokens or 20),
-            min_new_tokens=int(min_new_tokens or 0),
+            min_new_tokens=int(min_new_tokens or gc.min_new_tokens or 0),
             eos_token_id=eos_token_id if eos_token_id is not None else gc.eos_token_id,
             pad_token_id=pad_token_id if pad_token_id is not None else gc.pad_token_id,
             streamer=streamer)

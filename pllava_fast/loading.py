@@ -259,9 +259,8 @@ def check_load_arguments(spec, *, device, device_map, max_memory, attn_implement
     weights are read: a mistake fails in a moment, not after a 34B load."""
     if not isinstance(compile, bool):
         raise ValueError(f"compile must be True or False, got {compile!r}")
-    if compile and spec.key_quant == "channel":
-        raise ValueError("compile=True needs a static cache, and key_quant='channel' is only "
-                         "in the dynamic one: use key_quant='token'")
+    if compile:
+        spec.check_static()
     if device is not None and device_map is not None:
         raise ValueError("pass device or device_map, not both")
     if device is not None:

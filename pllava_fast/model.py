@@ -111,7 +111,7 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 dict, e.g. to split the 34B model over several GPUs.
             max_memory: with ``device_map``: {device: "40GiB", ...} bounds for the automatic maps.
             kv_cache: a ``KVCacheSpec`` or its kind: "model-dtype" (transformers' DynamicCache),
-                "int8" or "int4": every ``generate()`` given no cache then builds a
+                "int8", "int4" or "fp8": every ``generate()`` given no cache then builds a
                 ``QuantizedKVCache``; they need pllava-fast attention ("sdpa" or
                 "flash_attention_2" here).
             kv_cache_options: QuantizedKVCache options with a kind: ``window``, ``group_size``,
@@ -138,7 +138,7 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         dtype = resolve_dtype(asked, device, config)
         if weight_spec is not None and asked in (None, "auto"):
             dtype = torch.bfloat16
-        check_weights(weight_spec, device or "cpu", dtype)
+        check_weights(weight_spec, _weights_device(device, device_map), dtype)
         state = merge_lora(read_state_dict(path), lora_alpha=lora_alpha)
         with fast_init(dtype):
             model = cls(config, attn_implementation=attn_implementation)
@@ -385,3 +385,15 @@ class PllavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if frames_per_video is not None:
             model_kwargs["frames_per_video"] = frames_per_video
         return input_ids, model_kwargs
+
+
+def _weights_device(device, device_map):
+    """Where quantize_weights will find the LLM: ``device``, else the GPU a device map puts it
+    on ("auto" and the other names fill GPUs first), else the CPU."""
+    if device is not None:
+        return device
+    if device_map is None or not torch.cuda.is_available():
+        return "cpu"
+    if isinstance(device_map, dict) and all(str(d) in ("cpu", "disk") for d in device_map.values()):
+        return "cpu"
+    return "cuda"

@@ -66,7 +66,7 @@ def patch(model, *, pooling: bool = True, kv_cache="model-dtype", attention: str
         model: ``PllavaForConditionalGeneration`` or transformers ``LlavaForConditionalGeneration``.
         pooling: on a Llava, turn on video mode (PLLaVA's pooling projector).
         kv_cache: a ``KVCacheSpec`` or its kind: "model-dtype" (transformers' DynamicCache:
-            identical answers), "int8" or "int4".
+            identical answers), "int8", "int4" or "fp8".
         attention: "auto", "sdpa", "eager", "flash_attention_2", or None to leave it.
         pooling_shape: (t, h, w) visual-token grid per video; default: the PLLaVA model's own, or
             for a Llava (num_frames, ceil(H/2), ceil(W/2)) of its (H, W) patch grid.
@@ -89,6 +89,8 @@ def patch(model, *, pooling: bool = True, kv_cache="model-dtype", attention: str
         check_weights(weight_spec, param.device, param.dtype)
     if not isinstance(compile, bool):
         raise ValueError(f"compile must be True or False, got {compile!r}")
+    if compile:
+        spec.check_static()
     if num_frames is not None:
         num_frames = positive_int("num_frames", num_frames)
     if pooling_shape is not None:
@@ -113,14 +115,15 @@ def patch(model, *, pooling: bool = True, kv_cache="model-dtype", attention: str
             if pooling_shape is not None:
                 _set(state, config, "pooling_shape", list(pooling_shape))
         _set_attention(model, state, name, spec)
-        if spec.quantized:
-            _install_cache(model, state, spec)
-        if compile:
-            if hf_llava:
-                raise ValueError("compile=True is for PLLaVA models (PllavaForConditionalGeneration);"
-                                 " a transformers Llava keeps its own generate()")
+        if compile and hf_llava:
+            raise ValueError("compile=True is for PLLaVA models (PllavaForConditionalGeneration);"
+                             " a transformers Llava keeps its own generate()")
+        if not hf_llava:
+            # a PLLaVA model's own generate() reads both: the patch's values replace the load's
             _set(state, model, "kv_cache_spec", spec)
-            _set(state, model, "compile_decode", True)
+            _set(state, model, "compile_decode", compile)
+        elif spec.quantized:
+            _install_cache(model, state, spec)
         if weight_spec is not None:
             quantize_weights(model, weight_spec)  # last: nothing after it can fail and unpatch
     except Exception:
@@ -210,10 +213,8 @@ def _set_attention(model, state, name, spec: KVCacheSpec):
 
 
 def _install_cache(model, state, spec: KVCacheSpec):
-    """Make generate() calls that pass no cache use a fresh cache of ``spec``."""
-    if isinstance(model, PllavaForConditionalGeneration):
-        _set(state, model, "kv_cache_spec", spec)  # the model's own generate() builds it
-        return
+    """Make a transformers Llava's generate() calls that pass no cache use a fresh cache of
+    ``spec`` (a PLLaVA model's own generate() builds it from ``kv_cache_spec``)."""
     original = model.generate
     keyword = generate_cache_kwarg(model)
 

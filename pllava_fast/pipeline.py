@@ -46,10 +46,21 @@ class PipelineOutput:
     timings: dict
 
 
-def _check_options(*, template=None, system=None, image_size=None, num_frames=None,
-                   pooling_shape=None, compile=False, **_) -> None:
+_OPTIONS = ("num_frames", "template", "image_size", "system", "attention", "pooling_shape",
+            "compile")
+_ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def _check_options(spec: KVCacheSpec, *, template=None, system=None, image_size=None,
+                   num_frames=None, pooling_shape=None, compile=False, attention="auto",
+                   **unknown) -> None:
     """ValueError naming the first VideoPipeline option that cannot work (checked before a
     checkpoint loads; ``patch`` checks the model-facing ones again when it applies them)."""
+    if unknown:
+        raise ValueError(f"unknown VideoPipeline option(s) {sorted(unknown)}; expected some of "
+                         f"{_OPTIONS}")
+    if attention is not None and attention not in _ATTENTION:
+        raise ValueError(f"attention must be one of {_ATTENTION} or None, got {attention!r}")
     if template is not None:
         get_template(template)  # an unknown name fails here, not at the first question
     if system is not None and not isinstance(system, str):
@@ -62,6 +73,8 @@ def _check_options(*, template=None, system=None, image_size=None, num_frames=No
         int_tuple("pooling_shape", pooling_shape, 3)
     if not isinstance(compile, bool):
         raise ValueError(f"compile must be True or False, got {compile!r}")
+    if compile:
+        spec.check_static()
 
 
 class VideoPipeline:
@@ -75,13 +88,13 @@ class VideoPipeline:
         pooling_shape: (t, h, w) visual tokens per video (default: the model's).
         template: conversation template name for ``pllava_fast.conversation.build_prompt``.
         kv_cache: a ``KVCacheSpec`` or its kind: "model-dtype" (transformers' DynamicCache,
-            answers unchanged), "int8" or "int4".
-        kv_cache_options: options of the int8/int4 cache (``window``, ``group_size``, ``block``,
-            ``key_quant``); checked here (ValueError).
+            answers unchanged), "int8", "int4" or "fp8".
+        kv_cache_options: options of the quantized caches (``window``, ``group_size``,
+            ``block``, ``key_quant``); checked here (ValueError).
         image_size: frame side of the model input (default: the vision tower's image size).
         attention: LLM attention backend installed with ``pllava_fast.patch`` ("auto": flash-attn
             when usable on CUDA, else SDPA; None leaves the model's). The quantized caches need
-            pllava-fast attention, so None with "int8"/"int4" installs "auto".
+            pllava-fast attention, so None with a quantized kind installs "auto".
         compile: decode greedily with a static cache of the ``kv_cache`` kind and a compiled
             step (``pllava_fast.llm_decode``); the timings then add ``compile_s``, the first
             compilation of a new (batch, length bucket), which later runs reuse.
@@ -93,8 +106,9 @@ class VideoPipeline:
                  attention: str | None = "auto", pooling_shape: Sequence[int] | None = None,
                  kv_cache_options: dict | None = None, compile: bool = False):
         self.kv_cache_spec = KVCacheSpec.of(kv_cache, kv_cache_options)
-        _check_options(template=template, system=system, image_size=image_size,
-                       num_frames=num_frames, pooling_shape=pooling_shape, compile=compile)
+        _check_options(self.kv_cache_spec, template=template, system=system,
+                       image_size=image_size, num_frames=num_frames, pooling_shape=pooling_shape,
+                       compile=compile, attention=attention)
         self.compile = compile
         if attention is None and self.kv_cache_spec.quantized:
             attention = "auto"
@@ -103,8 +117,10 @@ class VideoPipeline:
         if compile and attention is None:
             attention = "auto"
         if attention is not None or pooling_shape is not None or num_frames is not None:
-            # the pipeline makes its cache per call, so the patch keeps generate() as it is
-            patch(model, attention=attention, pooling_shape=pooling_shape, num_frames=num_frames)
+            # the pipeline makes its cache per call: the model's own settings stay as they are
+            patch(model, attention=attention, pooling_shape=pooling_shape, num_frames=num_frames,
+                  kv_cache=getattr(model, "kv_cache_spec", "model-dtype"),
+                  compile=getattr(model, "compile_decode", False))
         self.model = model.eval()
         self.tokenizer = tokenizer
         config = model.config
@@ -138,7 +154,7 @@ class VideoPipeline:
             raise FileNotFoundError(f"model directory not found: {model_dir}")
         # every argument before the weights are read: a typo fails in a moment, not after a load
         spec = KVCacheSpec.of(kv_cache, kv_cache_options)
-        _check_options(**kwargs)
+        _check_options(spec, **kwargs)
         device = check_device(device)
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {str(device)!r}")
@@ -166,12 +182,14 @@ class VideoPipeline:
         files decode concurrently (``read_videos``' background threads; FFmpeg releases the GIL).
         """
         for i, s in enumerate(sources):
-            if not isinstance(s, (str, os.PathLike, bytes, DecodedVideo)):
+            if not isinstance(s, (str, os.PathLike, bytes, bytearray, memoryview, DecodedVideo)):
                 raise ValueError(f"videos[{i}] must be a path, bytes or a DecodedVideo, got "
                                  f"{type(s).__name__}")
         timer = timer or StageTimer(self.device)
         with timer.stage("video_decode"):
-            paths = [os.fspath(s) for s in sources if not isinstance(s, DecodedVideo)]
+            # bytes stay data (read_video opens them in memory); only path-likes become paths
+            paths = [os.fspath(s) if isinstance(s, os.PathLike) else s for s in sources
+                     if not isinstance(s, DecodedVideo)]
             ahead = max(0, min(len(paths) - 1, 3))
             decoded = iter(read_videos(paths, self.num_frames, prefetch=ahead, start=start,
                                        end=end))
@@ -311,8 +329,9 @@ class VideoPipeline:
     def __call__(self, videos, questions, *, start=None, end=None, max_new_tokens: int = 64,
                  streamer=None, **generate_kwargs) -> PipelineOutput:
         """Answer ``questions`` (one string for all, or one per video) about ``videos``."""
-        if isinstance(videos, (str, os.PathLike)) or not isinstance(videos, Iterable):
-            videos = [videos]
+        if (isinstance(videos, (str, os.PathLike, bytes, bytearray, memoryview, DecodedVideo))
+                or not isinstance(videos, Iterable)):
+            videos = [videos]  # one video
         max_new_tokens = positive_int("max_new_tokens", max_new_tokens)  # before any decoding
         timer = StageTimer(self.device)
         inputs = self.prepare(videos, questions, start=start, end=end, timer=timer)

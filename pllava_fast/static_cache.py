@@ -41,9 +41,7 @@ class StaticQuantizedLayer(CacheLayerMixin):
 
     def __init__(self, max_cache_len: int, spec):
         super().__init__()
-        if spec.key_quant == "channel":
-            raise ValueError("key_quant='channel' (KIVI keys) quantizes whole blocks and needs the "
-                             "dynamic cache: use compile=False or key_quant='token'")
+        spec.check_static()
         self.max_cache_len, self.spec = int(max_cache_len), spec
         self.bits, self.group_size = spec.bits, spec.group_size
         self.window, self.block = spec.window, spec.block

@@ -6,7 +6,7 @@ token embeddings are options. No GEMM is written here: torchao's layouts pick th
 
 * int8: ``Int8WeightOnlyConfig`` per row; any device and dtype (under torch.compile in bf16
   inductor uses its int8 kernel; eager dequantizes per call, saving memory, not time).
-* int4: per group (``group_size`` 32 / 64 / 128): on CUDA torchao's tinygemm layout
+* int4: per group (``group_size`` 32 / 64 / 128 / 256): on CUDA torchao's tinygemm layout
   (``tile_packed_to_4d``, bf16, sm80+); on CPU its prototype x86 layout (aten's
   ``_weight_int4pack_mm_for_cpu``), fast in bf16 only. A linear whose in_features the group does
   not divide, or whose out_features is not a multiple of 16, stays unquantized (reported).

@@ -41,7 +41,11 @@ class WeightSpec:
             if options:
                 raise ValueError(f"weight_options {sorted(options)} need weights='int8' or 'int4'")
             return None
+        if options is not None and not isinstance(options, Mapping):
+            raise ValueError(f"weight_options must be a dict, got {type(options).__name__}")
         if isinstance(weights, WeightSpec):
+            if options:
+                raise ValueError("pass weight_options or a WeightSpec, not both")
             return weights
         unknown = sorted(set(options or {}) - set(OPTIONS))
         if unknown:

@@ -328,6 +328,10 @@ pipe(clip, "Why?", max_new_tokens=2.5) | max_new_tokens ; pipe(clip, "Why?", sta
 pipe(clip, "Why?", max_new_tokens=True) | max_new_tokens ; pipe(clip, "Why?", start=nan) | start
 pipe(clip, "Why?", max_new_tokens=10**6) | context ; pipe(clip, "Why?", start=1, end=0.5) | end
 pipe([None], "Why?") | videos[0] ; pipe([clip], [5]) | questions[0] ; pipe([], []) | no videos
+load(num_frame=8) | unknown VideoPipeline option ; load(attention="fast") | attention
+load(compile=True, kv_cache="int8", kv_cache_options={"key_quant": "channel"}) | key_quant
+KVCacheSpec.of(8) | kv_cache ; WeightSpec.of("int8", [4]) | weight_options must be a dict
+WeightSpec.of(WeightSpec("int8"), {"group_size": 32}) | not both
 """.strip().splitlines()
 
 
@@ -342,6 +346,7 @@ def test_api_and_ops_refuse_bad_arguments(m, monkeypatch):
     from pllava_fast.pipeline import VideoPipeline
     from pllava_fast.preprocess import frames_to_pixel_values  # noqa: F401
     from pllava_fast.video import read_video, sample_indices  # noqa: F401
+    from pllava_fast.weight_spec import WeightSpec  # noqa: F401
 
     pipe = VideoPipeline.from_pretrained(m["model"])
     monkeypatch.setattr("pllava_fast.model.read_state_dict", lambda *a: pytest.fail("weights read"))

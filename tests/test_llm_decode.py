@@ -143,3 +143,30 @@ def test_compile_flag_is_checked_at_load(tiny_model_dir):
     with pytest.raises(ValueError, match="key_quant='channel'"):
         PllavaForConditionalGeneration.from_pretrained(
             tiny_model_dir, compile=True, kv_cache="int8", kv_cache_options={"key_quant": "channel"})
+
+
+def test_sampling_generation_config_is_refused(model, inputs):
+    # a checkpoint whose generation_config samples: the greedy loop says so instead of
+    # quietly decoding greedily
+    decoder = CompiledDecoder(model, KVCacheSpec())
+    model.generation_config.do_sample = True
+    try:
+        with pytest.raises(ValueError, match="do_sample=True"):
+            decoder(**inputs, max_new_tokens=4)
+        assert decoder(**inputs, max_new_tokens=4, do_sample=False).shape[1] > 0
+    finally:
+        model.generation_config.do_sample = False
+
+
+def test_patch_replaces_the_loaded_cache_and_compile(tiny_model_dir):
+    import pllava_fast
+
+    m = PllavaForConditionalGeneration.from_pretrained(tiny_model_dir, kv_cache="int8",
+                                                       compile=True)
+    pllava_fast.patch(m, kv_cache="model-dtype", attention="eager")
+    assert m.kv_cache_spec.kind == "model-dtype" and m.compile_decode is False
+    pllava_fast.unpatch(m)
+    assert m.kv_cache_spec.kind == "int8" and m.compile_decode is True
+    with pytest.raises(ValueError, match="key_quant='channel'"):
+        pllava_fast.patch(m, compile=True, kv_cache="int4",
+                          kv_cache_options={"key_quant": "channel"})

@@ -51,6 +51,18 @@ def test_batch_equals_one_by_one(pipe, clips):
         assert batch.texts[i] == one.texts[0]
 
 
+def test_one_video_as_bytes_or_decoded(pipe, clips):
+    """bytes, bytearray and a DecodedVideo are one video each, not a sequence of videos."""
+    from pllava_fast.video import read_video
+    want = pipe(clips[0], QUESTION, max_new_tokens=6)
+    data = open(clips[0], "rb").read()
+    decoded = read_video(clips[0], num_frames=pipe.num_frames)
+    for video in (data, bytearray(data), memoryview(data), decoded):
+        out = pipe(video, QUESTION, max_new_tokens=6)
+        assert out.texts == want.texts, type(video).__name__
+        assert torch.equal(out.sequences, want.sequences)
+
+
 def test_streaming_yields_the_same_text(pipe, clips):
     pieces = list(pipe.stream(clips[0], QUESTION, max_new_tokens=12))
     assert len(pieces) >= 1

@@ -349,12 +349,15 @@ def check_context_fit(info, *, prompt: str, pooling, max_new_tokens: int,
     written yet) the prompt counts its whitespace-separated words: every tokenizer here splits
     at spaces first, so each word is at least one token."""
     from .. import preflight
+    from ..conversation import IMAGE_TOKEN
 
     visual = math.prod(pooling) if pooling else info.visual_tokens
     tokens = preflight.prompt_tokens(info, prompt)
     bound = tokens is None
     if bound:
         tokens = len(prompt.split())
+    # the image token itself is replaced by the visual tokens, as the model expands it
+    tokens = max(0, tokens - prompt.count(IMAGE_TOKEN))
     preflight.check_context(info, tokens, max_new_tokens, visual_tokens=visual, what=what,
                             at_least=bound)
 

@@ -48,18 +48,18 @@ def check(args) -> None:
 
 
 def _load_model(args):
-    from ..devices import resolve_dtype
-
-    dtype = resolve_dtype(args.dtype, args.device)
     if args.model is None:
+        from ..devices import resolve_dtype
         from ..testing import tiny_pllava
 
         model, _ = tiny_pllava()
+        dtype = resolve_dtype(args.dtype, args.device)
         return (model.to(device=args.device, dtype=dtype).eval(),
                 "tiny random PLLaVA (pllava_fast.testing)")
     from ..model import PllavaForConditionalGeneration
 
-    model = PllavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype,
+    # the names as given: "checkpoint" is the config's dtype, which only the load reads
+    model = PllavaForConditionalGeneration.from_pretrained(args.model, dtype=args.dtype,
                                                            device=args.device)
     return model.eval(), str(args.model)
 

@@ -4,9 +4,12 @@ preprocessing op, not here).
 
 Conventions of ``read_video``:
 
-* Frame index ``i`` is the i-th frame of PyAV's full sequential decode of the first video stream,
-  i.e. the frame with the i-th smallest pts (decoders output in presentation order; frames the
-  decoder drops, such as an edit list's pre-roll, are not counted). For variable frame rate,
+* Frame index ``i`` is, by default (``numbering="decord"``), the picture decord 0.6.0's
+  ``get_batch`` returns for index i, so PLLaVA's indices pick the original's frames
+  (``decord_order``). With ``numbering="presentation"`` it is the i-th frame of PyAV's full
+  sequential decode of the first video stream, i.e. the frame with the i-th smallest pts
+  (frames the decoder drops, such as an edit list's pre-roll, are not counted). For variable
+  frame rate,
   indices count frames, not time; ``fps`` is the stream's average rate, used only for the
   time-bound rule, as PLLaVA does with decord's average fps.
 * Frame count: one demux pass reads every packet of the stream (no decoding; about 70 ms for

@@ -247,10 +247,11 @@ def _decode_targets(reader: _Reader, table: _Table, wanted: list[int], seek: boo
         reader.by_table(table, wanted, seek, runs)
         return
     chunks = _split(runs, workers)
-    if reader.threads == 0:
+    threads = reader.threads
+    if threads == 0:
         # auto: the cores shared among the decoders. FFmpeg's own frame threads on top of
         # concurrent decoders oversubscribe 2 cores: 1 thread each measured 10-20% faster
-        # (benchmarks/bench_frames.py, "2 workers x 1 thr")
+        # (benchmarks/bench_frames.py, "default" against "2 workers x auto")
         reader.threads = max(1, (os.cpu_count() or 1) // len(chunks))
     readers = [reader] + [_Reader(reader.opener, reader.threads, reader.keep_yuv,
                                   skip_nonref=reader.skip_nonref) for _ in chunks[1:]]
@@ -266,6 +267,7 @@ def _decode_targets(reader: _Reader, table: _Table, wanted: list[int], seek: boo
             reader.seeks += other.seeks
             reader.decoded += other.decoded
     finally:
+        reader.threads = threads  # a fallback decode after a mismatch gets the caller's count
         for other in readers[1:]:
             other.close()
 
@@ -288,7 +290,12 @@ def _read_stream(opener: _Opener, num_frames, start, end, rotate, keep_yuv, thre
                 n = len(order)
                 indices = sample_indices(n, num_frames, fps=table.fps, start=start, end=end)
                 rank = {p: r for r, p in enumerate(frame_pts)}
-                positions = [rank[p] for p in order.get_batch(indices)]
+                try:
+                    positions = [rank[p] for p in order.get_batch(indices)]
+                except IndexError as exc:  # decord itself fails on this file: say so, once
+                    raise VideoDecodeError(f"{opener.name}: decord's numbering cannot read the "
+                                           f"sampled frames ({exc}); use "
+                                           f"numbering='presentation'") from None
             else:
                 n = len(frame_pts)
                 indices = sample_indices(n, num_frames, fps=table.fps, start=start, end=end)

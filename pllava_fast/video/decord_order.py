@@ -18,7 +18,7 @@ of B-frame AVIs without pts), where a seek lands (mov / mp4: the dts timeline fr
 shown packet; AVI: frame numbers; others: pts) and which frames the decoder outputs after a seek
 (the packets from the landing one on, minus discarded ones and minus those shown before it).
 It returns, for every index, the pts of the picture decord shows; the reader then decodes exactly
-those frames. Checked against decord itself on 38 clips (pre-roll, edit lists, B-frames, open
+those frames. Checked against decord itself on the test clips (pre-roll, edit lists, B-frames, open
 GOP, VFR, odd sizes, rotation, mkv / webm / AVI, 1-15 frame clips, the shared videos).
 """
 from __future__ import annotations
