@@ -10,7 +10,7 @@ BASE := $(VENV)/.pllava-fast-base
 TESTS := $(VENV)/.pllava-fast-test
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench check-cuda gpu-check clean
+.PHONY: setup demo test bench check-cuda check-cuda-glue gpu-check clean
 
 $(BASE): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cuh csrc/*.cu)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,9 +39,13 @@ check-cuda:
 	@if command -v nvcc >/dev/null 2>&1 && ls csrc/*_kernel.cu >/dev/null 2>&1; then \
 	  for f in csrc/*_kernel.cu; do \
 	    nvcc -std=c++17 -Icsrc -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
-	      -c $$f -o /tmp/$$(basename $$f).o && echo "nvcc ok: $$f (sm_80, sm_90)"; \
+	      -c $$f -o /tmp/$$(basename $$f).o || exit 1; echo "nvcc ok: $$f (sm_80, sm_90)"; \
 	  done; \
 	else echo "check-cuda: no nvcc or no csrc/*_kernel.cu; skipped"; fi
+
+# Syntax-check the torch side of the CUDA build (g++ -fsyntax-only with PLLAVA_FAST_WITH_CUDA).
+check-cuda-glue: $(BASE)
+	bash .ci/check-cuda-glue.sh $(PY)
 
 # On one H100/H200: build the CUDA extension, run the cuda-marked tests and every benchmark with
 # --device cuda at reduced repeats; results JSON named with the device (benchmarks/gpu_check.sh).

@@ -14,7 +14,6 @@ Writes benchmarks/results/frames_preprocess-<device>.json.
 from __future__ import annotations
 
 import argparse
-import fractions
 import io
 
 import av
@@ -27,6 +26,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from pllava_fast import _ext
 from pllava_fast.preprocess import frames_to_pixel_values, pllava_geometry
+from pllava_fast.testing import mux_frames
 from pllava_fast.video import DecodedVideo
 
 from .harness import compare, write_results
@@ -46,15 +46,8 @@ def decoded_frames(num_frames: int = 16, size=(1280, 720)):
         s = c.add_stream("libx264", rate=30)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         s.options = {"preset": "ultrafast", "crf": "20"}
-        for i in range(num_frames):
-            img = np.roll(base, 8 * i, axis=1)
-            img = np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts, frame.time_base = i, fractions.Fraction(1, 30)
-            for p in s.encode(frame):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+        mux_frames(c, s, [np.clip(np.roll(base, 8 * i, axis=1) + rng.normal(0, 5, base.shape),
+                                  0, 255).astype(np.uint8) for i in range(num_frames)])
     buf.seek(0)
     with av.open(buf) as c:
         frames = list(c.decode(video=0))

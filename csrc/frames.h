@@ -152,18 +152,42 @@ inline ContiguousPlanes contiguous_planes(const at::Tensor& frames,
   return p;
 }
 
-at::Tensor frames_to_tensor_cpu(const at::Tensor& frames, const c10::optional<at::Tensor>& u,
-                                const c10::optional<at::Tensor>& v, int64_t matrix,
-                                bool full_range, at::IntArrayRef geometry,
-                                at::ArrayRef<double> mean, at::ArrayRef<double> std,
-                                at::ScalarType dtype);
+// One validated frames_to_tensor call: everything the CPU and CUDA entry points share, built
+// once by the bindings so that each device's code starts at its own work.
+struct FramesCall {
+  ContiguousPlanes planes;  // planes.y: the RGB frames (T,H,W,3) or the Y plane (T,H,W)
+  Geometry g;
+  bool yuv = false;
+  YuvCoeffs yc;
+  float mean[3], std[3];
+  at::ScalarType dtype;
+  int T, H, W;
+};
+
+inline FramesCall check_frames_call(const at::Tensor& frames, const c10::optional<at::Tensor>& u,
+                                    const c10::optional<at::Tensor>& v, int64_t matrix,
+                                    bool full_range, at::IntArrayRef geometry,
+                                    at::ArrayRef<double> mean, at::ArrayRef<double> std,
+                                    at::ScalarType dtype) {
+  FramesCall call;
+  call.g = check_frames_args(frames, u, v, matrix, geometry, mean, std, dtype, &call.yuv);
+  call.planes = contiguous_planes(frames, u, v);
+  call.yc = yuv_coeffs((int)matrix, full_range);
+  for (int c = 0; c < 3; ++c) {
+    call.mean[c] = (float)mean[c];
+    call.std[c] = (float)std[c];
+  }
+  call.dtype = dtype;
+  call.T = (int)frames.size(0);
+  call.H = (int)frames.size(1);
+  call.W = (int)frames.size(2);
+  return call;
+}
+
+at::Tensor frames_to_tensor_cpu(const FramesCall& call);
 
 #ifdef PLLAVA_FAST_WITH_CUDA
-at::Tensor frames_to_tensor_cuda(const at::Tensor& frames, const c10::optional<at::Tensor>& u,
-                                 const c10::optional<at::Tensor>& v, int64_t matrix,
-                                 bool full_range, at::IntArrayRef geometry,
-                                 at::ArrayRef<double> mean, at::ArrayRef<double> std,
-                                 at::ScalarType dtype);
+at::Tensor frames_to_tensor_cuda(const FramesCall& call);
 #endif
 
 }  // namespace pllava_fast

@@ -304,26 +304,23 @@ void run_frames(const uint8_t* rgb, const uint8_t* y, const uint8_t* u, const ui
 
 }  // namespace
 
-at::Tensor frames_to_tensor_cpu(const at::Tensor& frames, const c10::optional<at::Tensor>& u,
-                                const c10::optional<at::Tensor>& v, int64_t matrix,
-                                bool full_range, at::IntArrayRef geometry,
-                                at::ArrayRef<double> mean, at::ArrayRef<double> std,
-                                at::ScalarType dtype) {
-  bool yuv = false;
-  const Geometry g = check_frames_args(frames, u, v, matrix, geometry, mean, std, dtype, &yuv);
-  TORCH_CHECK(frames.device().is_cpu(), "frames_to_tensor_cpu: frames must be on the CPU, got ",
-              frames.device());
-  const auto [fr, uc, vc] = contiguous_planes(frames, u, v);
-  const int T = (int)fr.size(0), H = (int)fr.size(1), W = (int)fr.size(2);
+at::Tensor frames_to_tensor_cpu(const FramesCall& call) {
+  const at::Tensor& fr = call.planes.y;
+  TORCH_CHECK(fr.device().is_cpu(), "frames_to_tensor_cpu: frames must be on the CPU, got ",
+              fr.device());
+  const Geometry& g = call.g;
+  const bool yuv = call.yuv;
+  const int T = call.T, H = call.H, W = call.W;
   float lut[3][256];
   for (int c = 0; c < 3; ++c)
-    for (int p = 0; p < 256; ++p) lut[c][p] = normalize_u8((uint8_t)p, (float)mean[c], (float)std[c]);
-  const YuvCoeffs yc = yuv_coeffs((int)matrix, full_range);
+    for (int p = 0; p < 256; ++p) lut[c][p] = normalize_u8((uint8_t)p, call.mean[c], call.std[c]);
+  const YuvCoeffs& yc = call.yc;
+  const at::ScalarType dtype = call.dtype;
   auto out = at::empty({T, 3, g.out, g.out}, fr.options().dtype(dtype));
   const uint8_t* rgb = yuv ? nullptr : fr.data_ptr<uint8_t>();
   const uint8_t* yp = yuv ? fr.data_ptr<uint8_t>() : nullptr;
-  const uint8_t* up = yuv ? uc.data_ptr<uint8_t>() : nullptr;
-  const uint8_t* vp = yuv ? vc.data_ptr<uint8_t>() : nullptr;
+  const uint8_t* up = yuv ? call.planes.u.data_ptr<uint8_t>() : nullptr;
+  const uint8_t* vp = yuv ? call.planes.v.data_ptr<uint8_t>() : nullptr;
   if (dtype == at::kFloat) {
     run_frames<float>(rgb, yp, up, vp, T, H, W, yc, g, lut, out.data_ptr<float>());
   } else if (dtype == at::kHalf) {

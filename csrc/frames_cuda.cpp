@@ -11,18 +11,14 @@
 
 namespace pllava_fast {
 
-at::Tensor frames_to_tensor_cuda(const at::Tensor& frames, const c10::optional<at::Tensor>& u,
-                                 const c10::optional<at::Tensor>& v, int64_t matrix,
-                                 bool full_range, at::IntArrayRef geometry,
-                                 at::ArrayRef<double> mean, at::ArrayRef<double> std,
-                                 at::ScalarType dtype) {
-  bool yuv = false;
-  const Geometry g = check_frames_args(frames, u, v, matrix, geometry, mean, std, dtype, &yuv);
-  TORCH_CHECK(frames.is_cuda(), "frames_to_tensor_cuda: frames must be a CUDA tensor, got ",
-              frames.device());
-  const c10::cuda::CUDAGuard guard(frames.device());
-  const auto [fr, uc, vc] = contiguous_planes(frames, u, v);
-  const int T = (int)fr.size(0), H = (int)fr.size(1), W = (int)fr.size(2);
+at::Tensor frames_to_tensor_cuda(const FramesCall& call) {
+  const at::Tensor& fr = call.planes.y;
+  TORCH_CHECK(fr.is_cuda(), "frames_to_tensor_cuda: frames must be a CUDA tensor, got ",
+              fr.device());
+  const c10::cuda::CUDAGuard guard(fr.device());
+  const Geometry& g = call.g;
+  const bool yuv = call.yuv;
+  const int T = call.T, H = call.H, W = call.W;
   const FramePlans fp = make_frame_plans(H, W, g, /*ksize_multiple=*/1);
 
   // Pack the four plans into one int32 buffer -> one host-to-device copy.
@@ -48,9 +44,10 @@ at::Tensor frames_to_tensor_cuda(const at::Tensor& frames, const c10::optional<a
 
   cuda::Normalize norm;
   for (int c = 0; c < 3; ++c) {
-    norm.mean[c] = (float)mean[c];
-    norm.std[c] = (float)std[c];
+    norm.mean[c] = call.mean[c];
+    norm.std[c] = call.std[c];
   }
+  const at::ScalarType dtype = call.dtype;
   const int out_dtype = dtype == at::kHalf       ? cuda::kOutFloat16
                         : dtype == at::kBFloat16 ? cuda::kOutBFloat16
                                                  : cuda::kOutFloat32;
@@ -60,9 +57,10 @@ at::Tensor frames_to_tensor_cuda(const at::Tensor& frames, const c10::optional<a
       fr.options().dtype(at::kByte));
   const cudaError_t err = cuda::launch_frames_to_tensor(
       yuv ? nullptr : fr.data_ptr<uint8_t>(), yuv ? fr.data_ptr<uint8_t>() : nullptr,
-      yuv ? uc.data_ptr<uint8_t>() : nullptr, yuv ? vc.data_ptr<uint8_t>() : nullptr, T, H, W,
-      yuv_coeffs((int)matrix, full_range), dp[0], dp[1], dp[2], dp[3], norm, out_dtype,
-      out.data_ptr(), workspace.data_ptr<uint8_t>(), c10::cuda::getCurrentCUDAStream());
+      yuv ? call.planes.u.data_ptr<uint8_t>() : nullptr,
+      yuv ? call.planes.v.data_ptr<uint8_t>() : nullptr, T, H, W, call.yc, dp[0], dp[1], dp[2],
+      dp[3], norm, out_dtype, out.data_ptr(), workspace.data_ptr<uint8_t>(),
+      c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "frames_to_tensor_cuda: kernel launch failed: ",
               cudaGetErrorString(err));
   // No sync: the pinned `host` block is recorded on the stream by the caching host allocator,

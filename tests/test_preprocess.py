@@ -4,7 +4,6 @@ Reference: PyAV rgb24 frames -> PllavaProcessor.resize_crop_longshort (transform
 Pillow BICUBIC) -> transformers' CLIPImageProcessorPil (shortest edge 336, center crop 336).
 YUV -> RGB is checked against FFmpeg's own rgb24 conversion (swscale) on clips made with PyAV.
 """
-import fractions
 import io
 import os
 import subprocess
@@ -25,6 +24,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from pllava_fast import _ext, ops  # noqa: E402
 from pllava_fast.ops.frames import frames_to_tensor_torch, yuv_to_rgb  # noqa: E402
 from pllava_fast.preprocess import frames_to_pixel_values, pllava_geometry  # noqa: E402
+from pllava_fast.testing import mux_frames  # noqa: E402
 
 CLIP = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
 STD = torch.tensor(ops.CLIP_STD)[None, :, None, None]
@@ -103,13 +103,7 @@ def make_clip(h, w, n=2, colorspace=None, seed=0):
         if colorspace is not None:
             stream.codec_context.colorspace = 1 if colorspace == "bt709" else 6
             stream.codec_context.color_range = 1
-        for i, img in enumerate(_content(h, w, n, seed)):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts, frame.time_base = i, fractions.Fraction(1, 10)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        mux_frames(container, stream, _content(h, w, n, seed))
     return buf.getvalue()
 
 
