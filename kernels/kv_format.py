@@ -59,6 +59,13 @@ def unpack_ref(codes: Tensor, bits: int) -> Tensor:
     return torch.stack((lo, hi), dim=-1).flatten(-2)
 
 
+def _group_of(d: int, group_size: int, device) -> Tensor:
+    """(D,) the token group of each channel. Groups expand to channels by this gather: torch
+    2.13's CPU inductor miscomputed repeat_interleave + slice feeding 8-bit codes when the last
+    group is short (head dim 80, groups of 64: codes 64-79 wrong, 40 rows)."""
+    return torch.arange(d, device=device) // group_size
+
+
 def quantize_groups_ref(x: Tensor, bits: int, group_size: int):
     """Token-group quantization in plain torch; same contract as ``_quantize_groups``."""
     check_rows(x, bits)
@@ -70,8 +77,8 @@ def quantize_groups_ref(x: Tensor, bits: int, group_size: int):
     mn = torch.where(torch.isnan(xp), torch.full_like(xp, float("inf")), xp).amin(-1)
     mx = torch.where(torch.isnan(xp), torch.full_like(xp, float("-inf")), xp).amax(-1)
     scale = (mx - mn) / (2 ** bits - 1)
-    exp = lambda t: t.repeat_interleave(group_size, dim=1)[:, :d]  # noqa: E731
-    q = _codes_ref(xf, exp(mn), exp(scale), bits)
+    q = _codes_ref(xf, mn[:, _group_of(d, group_size, x.device)],
+                   scale[:, _group_of(d, group_size, x.device)], bits)
     return pack_ref(q, bits), scale, mn
 
 
@@ -124,5 +131,5 @@ def quantize_fp8_ref(x: Tensor, group_size: int):
     xp = torch.nn.functional.pad(xf, (0, ng * group_size - d)).view(n, ng, group_size)
     scale = xp.abs().amax(-1) / FP8_MAX
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (xp / safe[..., None]).clamp_(-FP8_MAX, FP8_MAX).view(n, -1)[:, :d]
+    q = (xf / safe[:, _group_of(d, group_size, x.device)]).clamp_(-FP8_MAX, FP8_MAX)
     return q.to(torch.float8_e4m3fn), scale, torch.zeros_like(scale)

@@ -186,6 +186,61 @@ def test_traces_under_torch_compile():
     torch.testing.assert_close(fn(q), ops.decode_attention(q, **args))
 
 
+def _graph_ops(fn, *inputs) -> set:
+    """The call targets of the FX graph dynamo captures for ``fn`` (one graph: fullgraph)."""
+    seen = set()
+
+    def backend(gm, _):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, fullgraph=True, backend=backend)(*inputs)
+    return seen
+
+
+@pytest.mark.parametrize("traced", [True, False])
+def test_cpu_graph_traces_a_small_cache_and_calls_the_op_for_a_large_one(traced, monkeypatch):
+    """In a CPU graph a small cache's attention is traced (inductor fuses it into the step); a
+    large one stays the chunked op, which inductor's one-graph form is slower than."""
+    if not traced:
+        monkeypatch.setattr(ops.kv_attention, "_TRACED_ELEMENTS", 0)
+    args, *_ = make_inputs(b=2, tq=32, tw=3, hq=4, hkv=2, d=16, group=16, pads=[0, 5])
+    q = args.pop("q")
+    targets = _graph_ops(lambda q: ops.decode_attention(q, **args), q)
+    assert any("pllava_fast.decode_attention" in t for t in targets) is not traced, targets
+
+
+@pytest.mark.parametrize("case", ["ctx127_d80_gqa7_pad", "ctx129_channel_keys_pad",
+                                  "fp8_d80_gqa7_pad", "fp_format"])
+def test_inductor_cpu_graph_matches_sdpa_over_dequantized(case):
+    args, *_ = make_inputs(**KERNEL_CASES[case])
+    q = args.pop("q")
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q: ops.decode_attention(q, **args), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(fn(q), da.decode_attention_ref(q, **args), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [16, 80, 200])
+def test_quantize_kv_in_a_cpu_graph_gives_the_ops_codes(width):
+    """In a CPU graph the format's definition is traced, except when the last of several groups
+    is short (the op is called there); either way the codes equal the op's bit for bit."""
+    x = torch.randn(40, width)
+    for kwargs in (dict(bits=4, group_size=16), dict(bits=4, group_size=32),
+                   dict(bits=8, group_size=64), dict(bits=8, group_size=16, key_block=8),
+                   dict(bits=8, group_size=8, fp8=True), dict(bits=8, group_size=64, fp8=True)):
+        g = kwargs["group_size"]
+        traced = "key_block" in kwargs or width <= g or width % g == 0
+        called = any("pllava_fast" in t for t in
+                     _graph_ops(lambda x: ops.quantize_kv(x, **kwargs), x))
+        assert called is not traced, kwargs
+        torch._dynamo.reset()
+        got = torch.compile(lambda x: ops.quantize_kv(x, **kwargs), fullgraph=True)(x)
+        for a, b in zip(got, ops.quantize_kv(x, **kwargs)):
+            assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                               b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b), kwargs
+
+
 def test_cpu_fp8_conversion_every_code():
     # the CPU path's bit conversion of e4m3 codes against torch's own, all 256 bytes (the two
     # NaN patterns are never written: quantize_fp8_ref clamps to +-448)

@@ -99,8 +99,14 @@ def decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor
         scale = 1.0 / math.sqrt(d)
     else:
         scale = finite_float("sm_scale", sm_scale, positive=True)
-    return _decode_attention_op(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win,
-                                v_win, kv_mask, int(bits), int(group_size), int(key_block), scale)
+    args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win, kv_mask,
+            int(bits), int(group_size), int(key_block), scale)
+    if (q.device.type == "cpu" and torch.compiler.is_compiling()
+            and k_codes.numel() * (2 if bits == 4 else 1) <= _TRACED_ELEMENTS):
+        # a small cache in a CPU graph: the same implementation, traced, so inductor fuses its
+        # conversions and the step around it instead of calling one opaque op per layer
+        return _decode_attention_torch(*args)
+    return _decode_attention_op(*args)
 
 
 @torch.library.custom_op("pllava_fast::decode_attention", mutates_args=())
@@ -189,6 +195,11 @@ def _converted_chunks(codes: Tensor, buf: Tensor, bits: int):
         _unpack_into(dst, c, bits)
         yield full if n == chunk else dst.reshape(b * h * g, n, npl * w)
 
+
+# K/V elements (B * Hkv * Tq * D) up to which a CPU graph traces the implementation rather than
+# calling the op: beyond about 4M, inductor's single-graph form fell to 0.5-0.9x of the op's
+# chunked one at 4 sequences (8 KV heads x 128, int4 / int8, 2 threads); below, 1.5-3.2x
+_TRACED_ELEMENTS = 1 << 21
 
 # elements of one converted code chunk (all sequences and heads): 2 MiB of fp32, about one
 # core's L2. Smaller chunks pay the per-op overhead more often; larger ones spill to L3 and the

@@ -2,8 +2,9 @@
 ``kernels/kv_format.py``).
 
 Wrapper (validates) -> custom op (CUDA: the Triton kernels of ``kernels/kv_quant.py``; fp8, and
-CPU: the plain-torch format definition, a handful of elementwise ops that inductor fuses under
-torch.compile) -> fake.
+CPU: the plain-torch format definition) -> fake. Inside a CPU torch.compile graph the wrapper
+traces the definition instead (a handful of elementwise ops that inductor fuses) unless the
+last of several groups is short.
 """
 from __future__ import annotations
 
@@ -49,13 +50,26 @@ def quantize_kv(x: Tensor, bits: int = 4, group_size: int = 64, key_block: int =
     if not isinstance(fp8, bool) or fp8 and (bits != 8 or key_block):
         raise ValueError(f"fp8 codes are bits=8 with token groups (key_block=0), got fp8={fp8!r} "
                          f"bits={bits} key_block={key_block}")
-    return _quantize_kv_op(x.contiguous(), int(bits), int(group_size), int(key_block), fp8)
+    args = (x.contiguous(), int(bits), int(group_size), int(key_block), fp8)
+    d = x.shape[1]
+    partial = not key_block and d > group_size and d % group_size  # several groups, last short
+    if x.device.type == "cpu" and torch.compiler.is_compiling() and not partial:
+        # in a CPU graph the definition itself is traced: inductor fuses its elementwise ops into
+        # the step, where the custom op would be one opaque call with its own dispatch. Not with
+        # a short last group: there torch 2.13's CPU inductor wrote wrong 8-bit codes for a
+        # single row (head dim 80 or 200, groups of 64) once fused with the cache write
+        return _quantize_kv_cpu(*args)
+    return _quantize_kv_op(*args)
 
 
 @torch.library.custom_op("pllava_fast::quantize_kv", mutates_args=())
 def _quantize_kv_op(x: Tensor, bits: int, group_size: int, key_block: int,
                     fp8: bool) -> tuple[Tensor, Tensor, Tensor]:
-    # CPU: the format's own definition (plain torch)
+    return _quantize_kv_cpu(x, bits, group_size, key_block, fp8)
+
+
+def _quantize_kv_cpu(x, bits, group_size, key_block, fp8):
+    """CPU: the format's own definition (plain torch)."""
     if fp8:
         return kv_format.quantize_fp8_ref(x, group_size)
     if key_block:
