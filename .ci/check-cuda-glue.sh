@@ -18,7 +18,7 @@ read -r -a torch_inc <<< "$("$py" -c "import torch.utils.cpp_extension as c
 print(' '.join('-I' + p for p in c.include_paths()))")"
 py_inc=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 for f in csrc/frames_cuda.cpp csrc/bindings.cpp; do
-  g++ -std=c++20 -w -fsyntax-only -DPLLAVA_FAST_WITH_CUDA -DTORCH_EXTENSION_NAME=_C -Icsrc \
+  g++ -std=c++17 -w -fsyntax-only -DPLLAVA_FAST_WITH_CUDA -DTORCH_EXTENSION_NAME=_C -Icsrc \
     -I"$stub" "${torch_inc[@]}" -I"$cuda_home/include" -I"$py_inc" "$f"
   echo "g++ syntax ok (CUDA build): $f"
 done
