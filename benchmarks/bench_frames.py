@@ -17,9 +17,13 @@ Clips: 1280x720 and 1920x1080, 30 fps, keyframe every 12 / 60 / 250 frames, x264
 B-frames) and veryfast (B-frames), textured and panning (about 3-5 Mbit/s at 720p). Every
 variant's frames are checked identical to decord's pictures before timing. With --preprocess,
 decode + preprocessing together (decord + PIL + CLIPImageProcessor vs read_video +
-frames_to_pixel_values) at keyframe interval 60.
+frames_to_pixel_values) at keyframe interval 60. With --batch, the batch-mode lever: four 720p
+clips decoded and preprocessed one after another, against ``read_videos`` decoding ahead on
+background threads (as ``VideoPipeline.video_decode`` does, and with each video's preprocessing
+overlapping the next one's decode); written to frames_batch-cpu.json.
 
     python -m benchmarks.bench_frames [--sizes 720p 1080p] [--gops 12 60 250] [--repeats 5]
+    python -m benchmarks.bench_frames --only-batch
 
 Clips are generated once with PyAV and cached under $PLLAVA_FAST_BENCH_CACHE (default
 /tmp/pllava_fast_bench). Writes benchmarks/results/frames_decode-cpu.json.
@@ -36,7 +40,7 @@ import numpy as np
 from pllava_fast.ops.frames import yuv_to_rgb
 from pllava_fast.original import clip_processor, decode_every_frame, original_decode, original_preprocess
 from pllava_fast.preprocess import frames_to_pixel_values
-from pllava_fast.video import read_video
+from pllava_fast.video import read_video, read_videos
 
 from .harness import time_interleaved, write_results
 
@@ -151,6 +155,44 @@ def preprocess_records(sizes, num_frames, repeats, seconds, image_size=336):
     return records
 
 
+# the batch: both presets, short and long keyframe intervals (720p, 60 s)
+BATCH = (("veryfast", 12), ("ultrafast", 60), ("veryfast", 250), ("ultrafast", 250))
+
+
+def batch_records(num_frames, repeats, seconds, image_size=336):
+    processor = clip_processor(image_size)
+    paths = [bench_clip(gop, seconds, SIZES["720p"], preset=preset) for preset, gop in BATCH]
+
+    def pixels(videos):
+        return [frames_to_pixel_values(v, image_size=image_size) for v in videos]
+
+    fns = {
+        "decord + PIL + CLIPImageProcessor, one by one (original)": lambda: [
+            original_preprocess(original_decode(p, num_frames), image_size, processor)
+            for p in paths],
+        "read_video + frames_to_pixel_values, one by one": lambda: pixels(
+            read_video(p, num_frames) for p in paths),
+        "read_videos prefetch 1 (preprocess overlaps the next decode)": lambda: pixels(
+            read_videos(paths, num_frames, prefetch=1)),
+        "read_videos prefetch 3, then preprocess (VideoPipeline.video_decode)": lambda: pixels(
+            list(read_videos(paths, num_frames, prefetch=3))),
+        "read_videos prefetch 2, one decoder per video": lambda: pixels(
+            read_videos(paths, num_frames, prefetch=2, workers=1)),
+    }
+    t = time_interleaved(fns, warmup=1, repeats=repeats)
+    names = list(t)
+    base, one_by_one = t[names[0]]["median_s"], t[names[1]]["median_s"]
+    rec = {"name": f"batch/720p/{len(paths)} clips decode+preprocess", "times_s": t,
+           "clips": [f"{preset} gop{gop}" for preset, gop in BATCH], "baseline_s": base,
+           "speedup_vs_original": {n: base / v["median_s"] for n, v in t.items()},
+           "gain_vs_one_by_one": {n: one_by_one / v["median_s"] for n, v in t.items()},
+           "dtype": "float32", "image_size": image_size}
+    for n, v in t.items():
+        print(f"batch {n}: {v['median_s'] * 1e3:.0f} ms, x{base / v['median_s']:.2f} vs original, "
+              f"x{one_by_one / v['median_s']:.2f} vs ours one by one", flush=True)
+    return [rec]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -161,14 +203,26 @@ def main(argv=None):
     ap.add_argument("--every-frame-sizes", nargs="*", default=["720p"],
                     help="sizes that also time the decode-every-frame baseline (slow)")
     ap.add_argument("--preprocess", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--batch", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the batch-mode overlap (frames_batch-cpu.json)")
+    ap.add_argument("--only-batch", action="store_true", help="only the batch-mode overlap")
     args = ap.parse_args(argv)
+    command = "python -m benchmarks.bench_frames " + " ".join(argv or [])
+    if args.batch or args.only_batch:
+        path = write_results("frames_batch", batch_records(args.frames, args.repeats,
+                                                           args.seconds),
+                             device="cpu", dtype="float32", cores=os.cpu_count(),
+                             repeats=args.repeats, command=command)
+        print(f"wrote {path}")
+    if args.only_batch:
+        return
     records = decode_records(args.sizes, args.gops, args.frames, args.repeats, args.seconds,
                              set(args.every_frame_sizes))
     if args.preprocess:
         records += preprocess_records(args.sizes, args.frames, args.repeats, args.seconds)
     path = write_results("frames_decode", records, device="cpu", dtype="uint8",
                          cores=os.cpu_count(), repeats=args.repeats,
-                         command="python -m benchmarks.bench_frames " + " ".join(argv or []))
+                         command=command)
     print(f"wrote {path}")
 
 
