@@ -131,5 +131,9 @@ def quantize_fp8_ref(x: Tensor, group_size: int):
     xp = torch.nn.functional.pad(xf, (0, ng * group_size - d)).view(n, ng, group_size)
     scale = xp.abs().amax(-1) / FP8_MAX
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (xf / safe[:, _group_of(d, group_size, x.device)]).clamp_(-FP8_MAX, FP8_MAX)
+    if d % group_size == 0:  # whole groups: the scale broadcasts over a view (no gather)
+        q = (xf.reshape(n, ng, group_size) / safe[..., None]).view(n, d)
+    else:
+        q = xf / safe[:, _group_of(d, group_size, x.device)]
+    q = q.clamp_(-FP8_MAX, FP8_MAX)
     return q.to(torch.float8_e4m3fn), scale, torch.zeros_like(scale)
