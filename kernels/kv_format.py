@@ -77,8 +77,8 @@ def quantize_groups_ref(x: Tensor, bits: int, group_size: int):
     mn = torch.where(torch.isnan(xp), torch.full_like(xp, float("inf")), xp).amin(-1)
     mx = torch.where(torch.isnan(xp), torch.full_like(xp, float("-inf")), xp).amax(-1)
     scale = (mx - mn) / (2 ** bits - 1)
-    q = _codes_ref(xf, mn[:, _group_of(d, group_size, x.device)],
-                   scale[:, _group_of(d, group_size, x.device)], bits)
+    group = _group_of(d, group_size, x.device)
+    q = _codes_ref(xf, mn[:, group], scale[:, group], bits)
     return pack_ref(q, bits), scale, mn
 
 

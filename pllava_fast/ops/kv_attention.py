@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..checks import finite_float, is_int, power_of_two
-from ._common import TRITON_DTYPES
+from ._common import TRITON_DTYPES, in_cpu_graph
 from .kv_quant import KV_BITS
 
 
@@ -101,10 +101,8 @@ def decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor
         scale = finite_float("sm_scale", sm_scale, positive=True)
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_win, v_win, kv_mask,
             int(bits), int(group_size), int(key_block), scale)
-    if (q.device.type == "cpu" and torch.compiler.is_compiling()
-            and k_codes.numel() * (2 if bits == 4 else 1) <= _TRACED_ELEMENTS):
-        # a small cache in a CPU graph: the same implementation, traced, so inductor fuses its
-        # conversions and the step around it instead of calling one opaque op per layer
+    if in_cpu_graph(q) and k_codes.numel() * (2 if bits == 4 else 1) <= _TRACED_ELEMENTS:
+        # a small cache: the same implementation, traced (its conversions fuse into the step)
         return _decode_attention_torch(*args)
     return _decode_attention_op(*args)
 

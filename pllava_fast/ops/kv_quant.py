@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..checks import is_int, power_of_two
 from ..kernels import kv_format
-from ._common import TRITON_DTYPES
+from ._common import TRITON_DTYPES, in_cpu_graph
 
 KV_BITS = (4, 8, 16)
 
@@ -53,11 +53,10 @@ def quantize_kv(x: Tensor, bits: int = 4, group_size: int = 64, key_block: int =
     args = (x.contiguous(), int(bits), int(group_size), int(key_block), fp8)
     d = x.shape[1]
     partial = not key_block and d > group_size and d % group_size  # several groups, last short
-    if x.device.type == "cpu" and torch.compiler.is_compiling() and not partial:
-        # in a CPU graph the definition itself is traced: inductor fuses its elementwise ops into
-        # the step, where the custom op would be one opaque call with its own dispatch. Not with
-        # a short last group: there torch 2.13's CPU inductor wrote wrong 8-bit codes for a
-        # single row (head dim 80 or 200, groups of 64) once fused with the cache write
+    if in_cpu_graph(x) and not partial:
+        # the definition, traced; not with a short last group: there torch 2.13's CPU inductor
+        # wrote wrong 8-bit codes for a single row (head dim 80 or 200, groups of 64) once fused
+        # with the cache write
         return _quantize_kv_cpu(*args)
     return _quantize_kv_op(*args)
 
