@@ -42,7 +42,7 @@ from pllava_fast.original import clip_processor, decode_every_frame, original_de
 from pllava_fast.preprocess import frames_to_pixel_values
 from pllava_fast.video import read_video, read_videos
 
-from .harness import time_interleaved, write_results
+from .harness import command_line, time_interleaved, write_results
 
 CACHE = pathlib.Path(os.environ.get("PLLAVA_FAST_BENCH_CACHE", "/tmp/pllava_fast_bench"))
 SIZES = {"720p": (1280, 720), "1080p": (1920, 1080)}
@@ -207,7 +207,7 @@ def main(argv=None):
                     help="also the batch-mode overlap (frames_batch-cpu.json)")
     ap.add_argument("--only-batch", action="store_true", help="only the batch-mode overlap")
     args = ap.parse_args(argv)
-    command = "python -m benchmarks.bench_frames " + " ".join(argv or [])
+    command = command_line(argv)
     if args.batch or args.only_batch:
         path = write_results("frames_batch", batch_records(args.frames, args.repeats,
                                                            args.seconds),

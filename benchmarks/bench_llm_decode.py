@@ -23,7 +23,6 @@ benchmarks/results/llm_decode-<device>.json.
 from __future__ import annotations
 
 import argparse
-import sys
 import statistics
 import time
 
@@ -35,7 +34,7 @@ from pllava_fast.llm_decode import CompiledDecoder
 from pllava_fast.original import ReferencePllava
 from pllava_fast.testing import random_pixel_values
 
-from .harness import default_device, device_peaks, sync, write_results
+from .harness import command_line, default_device, device_peaks, sync, write_results
 
 QUESTIONS = ["What is happening in the video?", "Describe the video in detail.", "Why?",
              "What colour is the square that moves left?"]
@@ -147,8 +146,7 @@ def main(argv=None):
                          shape=args.shape, new_tokens=args.new_tokens, repeats=args.repeats,
                          threads=args.threads, text_hidden=cfg.hidden_size,
                          text_layers=cfg.num_hidden_layers,
-                         command="python -m benchmarks.bench_llm_decode "
-                         + " ".join(sys.argv[1:] if argv is None else argv))
+                         command=command_line(argv))
     print(f"wrote {path}")
 
 

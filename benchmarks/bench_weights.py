@@ -27,7 +27,7 @@ import torch
 
 from pllava_fast.kv_spec import bytes_per_token
 
-from .harness import default_device, sync, write_results
+from .harness import command_line, default_device, sync, write_results
 
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -177,7 +177,7 @@ def main(argv=None):
     records.append(memory_plan())
     path = write_results("weights", records, device=args.device, shape=args.shape,
                          new_tokens=args.new_tokens, threads=args.threads,
-                         command="python -m benchmarks.bench_weights " + " ".join(argv or []))
+                         command=command_line(argv))
     print(f"wrote {path}")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
 import torch
@@ -24,7 +23,7 @@ from pllava_fast import comparison as bench
 from pllava_fast.pipeline import VideoPipeline
 from pllava_fast.testing import make_clip
 
-from .harness import write_results
+from .harness import command_line, write_results
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "videos")
 
@@ -135,7 +134,7 @@ def main(argv=None):
         records.append(capacity_estimate_7b(args.budget_gb))
         print(f"PLLaVA-7B shape, analytic estimate: {records[-1]}")
     cfg = pipe.model.config
-    command = "python -m benchmarks.e2e " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(argv)
     path = write_results(
         "e2e", records, device=args.device, dtype=pipe.dtype, command=command.strip(),
         model=args.model or args.shape, num_frames=cfg.num_frames,

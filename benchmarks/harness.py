@@ -15,6 +15,7 @@ import pathlib
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -160,8 +161,18 @@ def compare(name: str, baseline: Callable, ours: Callable, *, device="cpu", byte
     return rec
 
 
+def command_line(argv=None) -> str:
+    """The command that reruns this script: ``python -m benchmarks.<script> <args>`` (``argv``:
+    the arguments main() was given, default the process's own)."""
+    script = pathlib.Path(sys.argv[0]).stem
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join([f"python -m benchmarks.{script}", *args])
+
+
 def write_results(benchmark: str, records: list[dict], *, device="cpu", dtype=None, **meta) -> pathlib.Path:
-    """Write ``benchmarks/results/<benchmark>-<device tag>.json`` and return its path."""
+    """Write ``benchmarks/results/<benchmark>-<device tag>.json`` and return its path; ``meta``
+    without a ``command`` records ``command_line()``."""
+    meta.setdefault("command", command_line())
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     env = environment(device)
     tag = "cpu" if torch.device(device).type == "cpu" else env["device"].replace(" ", "_")
