@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from pllava_fast import ops
+from pllava_fast.devices import default_device
 from pllava_fast.kv_cache import make_cache, teacher_forced_logits
 from pllava_fast.kv_spec import bytes_per_token
 from pllava_fast.quantized_cache import QuantizedKVLayer
 
-from .harness import compare, default_device, write_results
+from .harness import compare, write_results
 
 LAYERS, HEADS, HEAD_DIM, GROUP, WINDOW = 32, 32, 128, 128, 128
 KINDS = (("int8", 8), ("int4", 4), ("fp8", 8))  # the quantized kinds and their bits

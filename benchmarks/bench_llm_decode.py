@@ -29,12 +29,13 @@ import time
 import torch
 
 from pllava_fast.comparison import build_pipeline
+from pllava_fast.devices import default_device
 from pllava_fast.kv_spec import KVCacheSpec
 from pllava_fast.llm_decode import CompiledDecoder
 from pllava_fast.original import ReferencePllava
 from pllava_fast.testing import random_pixel_values
 
-from .harness import command_line, default_device, device_peaks, sync, write_results
+from .harness import command_line, device_peaks, sync, write_results
 
 QUESTIONS = ["What is happening in the video?", "Describe the video in detail.", "Why?",
              "What colour is the square that moves left?"]

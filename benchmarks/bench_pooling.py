@@ -18,9 +18,10 @@ import sys
 import torch
 
 from pllava_fast import ops
+from pllava_fast.devices import default_device
 from pllava_fast.kernels.pooling import pool_visual_tokens_ref
 
-from .harness import compare, default_device, write_results
+from .harness import compare, write_results
 
 # PLLaVA-7B: 16 frames of 24x24 CLIP-L/336 tokens, 1024 -> 4096, pooled to 16x12x12
 FRAMES, FRAME_SHAPE, POOLING_SHAPE, D_VISION, D_LLM = 16, (24, 24), (16, 12, 12), 1024, 4096

@@ -25,9 +25,10 @@ import time
 
 import torch
 
+from pllava_fast.devices import default_device
 from pllava_fast.kv_spec import bytes_per_token
 
-from .harness import command_line, default_device, sync, write_results
+from .harness import command_line, sync, write_results
 
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,

@@ -81,10 +81,6 @@ def environment(device="cpu") -> dict:
     }
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def sync(device):
     """Wait for the device's queued work (CUDA kernels run asynchronously)."""
     if torch.device(device).type == "cuda":

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from pllava_fast import ops
+from pllava_fast.devices import default_device
 from pllava_fast.kv_spec import bytes_per_token
 from pllava_fast.quantized_cache import QuantizedKVLayer
 
-from .harness import bench, default_device
+from .harness import bench
 
 DEVICE = default_device()
 BATCH, HEADS, HEAD_DIM = (8, 32, 128) if DEVICE == "cuda" else (1, 32, 128)

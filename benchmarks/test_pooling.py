@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from pllava_fast import ops
+from pllava_fast.devices import default_device
 from pllava_fast.kernels.pooling import pool_visual_tokens_ref
 
 from .bench_pooling import (FRAMES, FRAME_SHAPE, POOLING_SHAPE, default_dtype, make_projector,
                             projector_fast, projector_original)
-from .harness import bench, default_device
+from .harness import bench
 
 DEVICE = default_device()
 DTYPE = default_dtype(DEVICE)

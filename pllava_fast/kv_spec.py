@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from .checks import is_int
+from .checks import flag, is_int
 
 DEFAULT_KIND = "model-dtype"
 CACHE_KINDS = ("model-dtype", "int8", "int4", "fp8")  # the public kinds (CLI choices)
@@ -123,6 +123,14 @@ class KVCacheSpec:
     def fp8(self) -> bool:
         """True when the 8-bit codes are float8 e4m3 (symmetric) rather than uint8."""
         return self.kind == "fp8"
+
+    def check_compile(self, compile) -> bool:
+        """``compile`` as a bool (ValueError unless it is one), checked against this spec: the
+        compiled loop needs a static cache (``check_static``)."""
+        compile = flag("compile", compile)
+        if compile:
+            self.check_static()
+        return compile
 
     def check_static(self) -> None:
         """ValueError unless the compiled loop's static cache can hold this spec: per-channel

@@ -257,10 +257,7 @@ def check_load_arguments(spec, *, device, device_map, max_memory, attn_implement
                          lora_alpha, compile, pllava_attention) -> None:
     """ValueError naming the first ``from_pretrained`` argument that cannot work, before any
     weights are read: a mistake fails in a moment, not after a 34B load."""
-    if not isinstance(compile, bool):
-        raise ValueError(f"compile must be True or False, got {compile!r}")
-    if compile:
-        spec.check_static()
+    spec.check_compile(compile)
     if device is not None and device_map is not None:
         raise ValueError("pass device or device_map, not both")
     if device is not None:

@@ -87,10 +87,7 @@ def patch(model, *, pooling: bool = True, kv_cache="model-dtype", attention: str
     if weight_spec is not None:
         param = next(model.parameters())
         check_weights(weight_spec, param.device, param.dtype)
-    if not isinstance(compile, bool):
-        raise ValueError(f"compile must be True or False, got {compile!r}")
-    if compile:
-        spec.check_static()
+    compile = spec.check_compile(compile)
     if num_frames is not None:
         num_frames = positive_int("num_frames", num_frames)
     if pooling_shape is not None:

@@ -16,7 +16,8 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from .checks import finite_float, int_tuple, positive_int
+from .attention import ATTENTION_CHOICES
+from .checks import finite_float, int_tuple, one_of, positive_int
 from .compat import generate_cache_kwarg
 from .conversation import build_prompt, get_template, load_tokenizer
 from .devices import check_device, resolve_dtype
@@ -48,7 +49,8 @@ class PipelineOutput:
 
 _OPTIONS = ("num_frames", "template", "image_size", "system", "attention", "pooling_shape",
             "compile")
-_ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
+# what one video can be (anything else iterable is several videos)
+_VIDEO_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, DecodedVideo)
 
 
 def _check_options(spec: KVCacheSpec, *, template=None, system=None, image_size=None,
@@ -59,8 +61,7 @@ def _check_options(spec: KVCacheSpec, *, template=None, system=None, image_size=
     if unknown:
         raise ValueError(f"unknown VideoPipeline option(s) {sorted(unknown)}; expected some of "
                          f"{_OPTIONS}")
-    if attention is not None and attention not in _ATTENTION:
-        raise ValueError(f"attention must be one of {_ATTENTION} or None, got {attention!r}")
+    one_of("attention", attention, ATTENTION_CHOICES)
     if template is not None:
         get_template(template)  # an unknown name fails here, not at the first question
     if system is not None and not isinstance(system, str):
@@ -71,10 +72,7 @@ def _check_options(spec: KVCacheSpec, *, template=None, system=None, image_size=
         positive_int("num_frames", num_frames)
     if pooling_shape is not None:
         int_tuple("pooling_shape", pooling_shape, 3)
-    if not isinstance(compile, bool):
-        raise ValueError(f"compile must be True or False, got {compile!r}")
-    if compile:
-        spec.check_static()
+    spec.check_compile(compile)
 
 
 class VideoPipeline:
@@ -110,12 +108,10 @@ class VideoPipeline:
                        image_size=image_size, num_frames=num_frames, pooling_shape=pooling_shape,
                        compile=compile, attention=attention)
         self.compile = compile
-        if attention is None and self.kv_cache_spec.quantized:
-            attention = "auto"
+        if attention is None and (self.kv_cache_spec.quantized or compile):
+            attention = "auto"  # the quantized caches and the compiled loop need ours
         # the pipeline's own compiled loop (the model object itself is left as it is)
         self.decoder = CompiledDecoder(model, self.kv_cache_spec) if compile else None
-        if compile and attention is None:
-            attention = "auto"
         if attention is not None or pooling_shape is not None or num_frames is not None:
             # the pipeline makes its cache per call: the model's own settings stay as they are
             patch(model, attention=attention, pooling_shape=pooling_shape, num_frames=num_frames,
@@ -182,7 +178,7 @@ class VideoPipeline:
         files decode concurrently (``read_videos``' background threads; FFmpeg releases the GIL).
         """
         for i, s in enumerate(sources):
-            if not isinstance(s, (str, os.PathLike, bytes, bytearray, memoryview, DecodedVideo)):
+            if not isinstance(s, _VIDEO_TYPES):
                 raise ValueError(f"videos[{i}] must be a path, bytes or a DecodedVideo, got "
                                  f"{type(s).__name__}")
         timer = timer or StageTimer(self.device)
@@ -329,8 +325,7 @@ class VideoPipeline:
     def __call__(self, videos, questions, *, start=None, end=None, max_new_tokens: int = 64,
                  streamer=None, **generate_kwargs) -> PipelineOutput:
         """Answer ``questions`` (one string for all, or one per video) about ``videos``."""
-        if (isinstance(videos, (str, os.PathLike, bytes, bytearray, memoryview, DecodedVideo))
-                or not isinstance(videos, Iterable)):
+        if isinstance(videos, _VIDEO_TYPES) or not isinstance(videos, Iterable):
             videos = [videos]  # one video
         max_new_tokens = positive_int("max_new_tokens", max_new_tokens)  # before any decoding
         timer = StageTimer(self.device)

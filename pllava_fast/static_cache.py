@@ -41,7 +41,6 @@ class StaticQuantizedLayer(CacheLayerMixin):
 
     def __init__(self, max_cache_len: int, spec):
         super().__init__()
-        spec.check_static()
         self.max_cache_len, self.spec = int(max_cache_len), spec
         self.bits, self.group_size = spec.bits, spec.group_size
         self.window, self.block = spec.window, spec.block
@@ -179,5 +178,6 @@ class StaticQuantizedCache(Cache):
     ``config``, ``max_cache_len`` tokens each, in the format of ``spec`` (a quantized KVCacheSpec)."""
 
     def __init__(self, config, max_cache_len: int, spec):
+        spec.check_static()  # once for the cache, not per layer
         n = config.get_text_config(decoder=True).num_hidden_layers
         super().__init__(layers=[StaticQuantizedLayer(max_cache_len, spec) for _ in range(n)])

@@ -68,7 +68,8 @@ def _quantize_kv_op(x: Tensor, bits: int, group_size: int, key_block: int,
 
 
 def _quantize_kv_cpu(x, bits, group_size, key_block, fp8):
-    """CPU: the format's own definition (plain torch)."""
+    """The format's own definition (plain torch): the CPU implementation, and the GPU's for fp8
+    and fp64."""
     if fp8:
         return kv_format.quantize_fp8_ref(x, group_size)
     if key_block:
@@ -81,12 +82,10 @@ def _quantize_kv_cuda(x, bits, group_size, key_block, fp8):
     # imported here: Triton (and its interpreter flag) only matters once a kernel runs
     from ..kernels import kv_quant
 
-    if fp8:  # elementwise torch: the GPU converts to e4m3 natively (Hopper / Ada)
-        return kv_format.quantize_fp8_ref(x, group_size)
-    if x.dtype not in TRITON_DTYPES:  # fp64: the format's plain-torch definition, on the GPU
-        if key_block:
-            return kv_format.quantize_channels_ref(x, bits, key_block)
-        return kv_format.quantize_groups_ref(x, bits, group_size)
+    if fp8 or x.dtype not in TRITON_DTYPES:
+        # fp8: elementwise torch (the GPU converts to e4m3 natively, Hopper / Ada); fp64: the
+        # format's plain-torch definition, on the GPU
+        return _quantize_kv_cpu(x, bits, group_size, key_block, fp8)
     if key_block:
         return kv_quant._quantize_channels(x, bits, key_block)
     return kv_quant._quantize_groups(x, bits, group_size)

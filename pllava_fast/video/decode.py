@@ -10,7 +10,7 @@ import os
 import av
 
 from .frames import VideoDecodeError, _yuv_tags, assemble, frame_to_rgb, frame_to_yuv420
-from .decord_order import DecordOrder, Unsupported
+from .decord_order import DecordOrder
 from .sampling import sample_indices
 from .sources import _Opener, _video_stream
 from .table import _scan, _Table
@@ -276,17 +276,12 @@ def _read_stream(opener: _Opener, num_frames, start, end, rotate, keep_yuv, thre
                  numbering: str = "decord", workers: int = 1, skip_nonref: bool = True):
     table, container = _scan(opener)
     reader = _Reader(opener, threads, keep_yuv, container, skip_nonref=skip_nonref)
-    order = None
-    if numbering == "decord":
-        try:
-            order = DecordOrder(table.pts, table.dts, table.key, table.discard, table.fmt,
-                                table.codec)
-        except Unsupported:
-            numbering = "presentation"  # no pts to model decord with: counted by decoding
     try:
         if table.seekable:
             frame_pts = table.frame_pts
-            if order is not None:
+            if numbering == "decord":  # (an unseekable table is counted by decoding below)
+                order = DecordOrder(table.pts, table.dts, table.key, table.discard, table.fmt,
+                                    table.codec)
                 n = len(order)
                 indices = sample_indices(n, num_frames, fps=table.fps, start=start, end=end)
                 rank = {p: r for r, p in enumerate(frame_pts)}

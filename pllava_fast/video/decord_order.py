@@ -24,6 +24,7 @@ GOP, VFR, odd sizes, rotation, mkv / webm / AVI, 1-15 frame clips, the shared vi
 from __future__ import annotations
 
 import bisect
+import collections
 
 NOPTS = -(2 ** 63)  # AV_NOPTS_VALUE: sorts first, as in decord's std::sort
 _EOF = None  # the decoder thread's end-of-stream result
@@ -76,7 +77,8 @@ class DecordOrder:
             self.index_ts = list(pts)
         self.dts = list(dts)
         # the constructor: curr_frame_ = N, then Seek(0)
-        self.curr, self.queue, self.cached = n, [], None
+        self.curr, self.queue, self.cached = n, collections.deque(), None
+        self.landed = None  # packet of the last seek; its outputs are queued at the first pop
         self.overrun, self.key_picture, self.flushed = False, None, False
         self._seek(0)
 
@@ -115,12 +117,14 @@ class DecordOrder:
         if land is None:  # the last try: the keyframe at or before frame number pos
             below = [j for j in self.keys if self.dts[j] <= pos] if self.avi else []
             land = below[-1] if below else (self.keys[0] if self.keys else 0)
-        self.queue = self._outputs_from(land)
+        self.landed = land  # a seek followed by another seek never reads its outputs
         self.curr = pos
 
     def _pop(self):
         self.flushed = False
-        return self.queue.pop(0) if self.queue else _EOF
+        if self.landed is not None:
+            self.queue, self.landed = collections.deque(self._outputs_from(self.landed)), None
+        return self.queue.popleft() if self.queue else _EOF
 
     def _key_before(self, pos: int) -> int:
         if not self.keys or pos <= self.keys[0]:

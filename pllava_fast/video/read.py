@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from ..checks import check_path, positive_int
+from ..checks import check_path, one_of, positive_int
 from .decode import _read_stream
 from .extensions import IMAGE_EXTENSIONS
 from .frames import DecodedVideo, VideoDecodeError
@@ -57,8 +57,7 @@ def read_video(source, num_frames: int = 16, *, start: float | None = None,
     """
     positive_int("num_frames", num_frames)
     positive_int("threads", threads, minimum=0)
-    if numbering not in NUMBERINGS:
-        raise ValueError(f"numbering must be one of {NUMBERINGS}, got {numbering!r}")
+    one_of("numbering", numbering, NUMBERINGS)
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
     positive_int("workers", workers)

@@ -10,6 +10,7 @@ import av
 import numpy as np
 import torch
 
+from ..checks import one_of
 from .frames import DecodedVideo, VideoDecodeError
 from .sampling import sample_indices
 
@@ -67,8 +68,7 @@ HWACCELS = (None, "cuda")
 def check_hwaccel(hwaccel) -> None:
     """ValueError unless ``hwaccel`` is None or "cuda" with both a CUDA GPU and a PyAV whose
     FFmpeg offers the cuda (NVDEC) device type."""
-    if hwaccel not in HWACCELS:
-        raise ValueError(f"hwaccel must be one of {HWACCELS}, got {hwaccel!r}")
+    one_of("hwaccel", hwaccel, HWACCELS)
     if hwaccel is None:
         return
     from av.codec.hwaccel import hwdevices_available

@@ -3,6 +3,7 @@ numbers the frames and plans the seeks, read without decoding."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import av
 
@@ -34,9 +35,10 @@ class _Table:
         return (bool(self.pts) and self.key[0] and None not in self.pts
                 and len(set(self.pts)) == len(self.pts))
 
-    @property
+    @functools.cached_property
     def frame_pts(self) -> list:
-        """pts of the output frames in presentation order."""
+        """pts of the output frames in presentation order (sorted once: the plan, the workers
+        and the numbering all read it; ``dataclasses.replace`` makes a table without it)."""
         return sorted(p for p, d in zip(self.pts, self.discard) if not d)
 
 
