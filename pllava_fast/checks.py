@@ -63,6 +63,20 @@ def finite_float(name: str, value, *, minimum: float | None = None, positive: bo
     return v
 
 
+def time_span(start, end, where: str = "") -> tuple[float | None, float | None]:
+    """(start, end) in seconds as finite floats >= 0 (None: the video's own start / end), end
+    after start, or ValueError prefixed with ``where`` (a list line, say)."""
+    prefix = f"{where}: " if where else ""
+    try:
+        start = finite_float("start", start, minimum=0, allow_none=True)
+        end = finite_float("end", end, minimum=0, allow_none=True)
+    except ValueError as exc:
+        raise ValueError(f"{prefix}{exc}") from None
+    if start is not None and end is not None and end <= start:
+        raise ValueError(f"{prefix}end ({end:g} s) must be after start ({start:g} s)")
+    return start, end
+
+
 def one_of(name: str, value, choices: Sequence) -> object:
     """``value`` if it is one of ``choices``, else ValueError listing them."""
     if value not in choices:

@@ -3,11 +3,11 @@ each torchrun rank, and the videos a profile covers."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Iterable
 
+from .checks import time_span
 from .video.extensions import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS
 
 
@@ -55,7 +55,7 @@ def list_inputs(spec: str) -> list[dict]:
         if not isinstance(item["video"], str) or not item["video"]:
             raise ValueError(f"{where}: 'video' must be a non-empty path string, got "
                              f"{item['video']!r}")
-        _check_times(where, item.get("start"), item.get("end"))
+        time_span(item.get("start"), item.get("end"), where)
         if not os.path.isabs(item["video"]):
             item["video"] = os.path.join(base, item["video"])
         items.append(item)
@@ -64,15 +64,6 @@ def list_inputs(spec: str) -> list[dict]:
 
 def _no_constant(name):
     raise ValueError(f"{name} is not a number")
-
-
-def _check_times(where: str, start, end) -> None:
-    for name, t in (("start", start), ("end", end)):
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))
-                              or not math.isfinite(t) or t < 0):
-            raise ValueError(f"{where}: {name} must be a finite time >= 0 seconds, got {t!r}")
-    if start is not None and end is not None and end <= start:
-        raise ValueError(f"{where}: end ({end} s) must be after start ({start} s)")
 
 
 def dedupe(items: Iterable[dict]) -> list[dict]:

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from .attention import ATTENTION_CHOICES
-from .checks import finite_float, int_tuple, one_of, positive_int
+from .checks import int_tuple, one_of, positive_int, time_span
 from .compat import generate_cache_kwarg
 from .conversation import build_prompt, get_template, load_tokenizer
 from .devices import check_device, resolve_dtype
@@ -264,10 +264,7 @@ class VideoPipeline:
         for i, q in enumerate(questions):
             if not isinstance(q, str):
                 raise ValueError(f"questions[{i}] must be a str, got {type(q).__name__}")
-        start = finite_float("start", start, minimum=0, allow_none=True)
-        end = finite_float("end", end, minimum=0, allow_none=True)
-        if start is not None and end is not None and end <= start:
-            raise ValueError(f"end ({end} s) must be after start ({start} s)")
+        start, end = time_span(start, end)
         timer = timer or StageTimer(self.device)
         decoded = self.video_decode(videos, start=start, end=end, timer=timer)
         pixel_values, frames = self.preprocess(decoded, timer=timer)
